@@ -1,0 +1,1 @@
+"""The Typer command line: parsing, messages and exit codes only; the work is in the core."""

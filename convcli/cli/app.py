@@ -1,0 +1,50 @@
+"""`convcli`: the Typer app. Command modules stay light: torch loads inside commands."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from convcli import __version__
+from convcli.cli.common import friendly_errors
+
+app = typer.Typer(
+    name="convcli",
+    help="Train and talk to GPT-2-style conversation models.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+# One line each in `convcli --help`: the first line of each command's docstring.
+COMMANDS: list = []
+for _command in COMMANDS:
+    app.command(_command.__name__)(friendly_errors(_command))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"convcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Train and talk to GPT-2-style conversation models.
+
+    Prepare corpora into shards, fine-tune with PyTorch Lightning, convert DialoGPT
+    checkpoints, and generate or chat (with MMI reranking by a reverse model).
+    """
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,24 @@
+"""Errors a user can cause and fix. The CLI prints them as one line, no traceback.
+
+Core code raises these with a message that names the file and line (or the
+option) at fault; anything else escaping to the CLI is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ConvcliError(Exception):
+    """A problem with the user's input, files or options (exit code 1)."""
+
+
+class UsageError(ConvcliError):
+    """A bad combination or value of options (exit code 2, like click's usage errors)."""
+
+
+class InputError(ConvcliError):
+    """A malformed input file: the message starts with `file:line:` where known."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None):
+        self.path, self.line, self.reason = path, line, message
+        where = f"{path}:{line}: " if path and line else (f"{path}: " if path else "")
+        super().__init__(f"{where}{message}")

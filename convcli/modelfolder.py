@@ -1,0 +1,230 @@
+"""Model folders: plain Hugging Face folders plus a small `convcli.json`.
+
+Everything convcli writes loads with `AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained`. What plain transformers cannot know (whether the
+model was trained with token types, which id separates turns, whether it is a
+reverse model for MMI) lives in `convcli.json`. Every command that loads a model
+goes through `load_model_folder`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convcli import __version__
+from convcli.errors import ConvcliError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+    from convcli.tokenizer import ConversationTokenizer
+
+META_FILE = "convcli.json"
+META_FORMAT = "convcli-model"
+META_VERSION = 1
+
+
+@dataclass
+class ModelMeta:
+    """What convcli needs to know about a model folder beyond the Hugging Face files."""
+
+    token_types: bool
+    """Feed `token_type_ids` to the model (it was trained with them). GPT-2 embeds
+    token types through `wte`, so a model trained without them must not get them."""
+    sep_token_id: int
+    """The id that separates (and ends) turns."""
+    reverse: bool = False
+    """A reverse model (predicts the source given the response), for MMI reranking."""
+    made_by: str = "unknown"
+    """The command that wrote the folder: train, convert, or unknown for foreign folders."""
+    source: str = ""
+    """What it was made from: a base model, a checkpoint file, a preset."""
+    tokenizer_fingerprint: str = ""
+    """`ConversationTokenizer.fingerprint()` of the saved tokenizer."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth recording (training steps, conversion report)."""
+    convcli_version: str = __version__
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"format": META_FORMAT, "version": META_VERSION, **asdict(self)}, indent=2
+        )
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelMeta:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConvcliError(f"{path}: unreadable convcli metadata: {exc}") from exc
+        if data.get("format") != META_FORMAT:
+            raise ConvcliError(
+                f"{path}: not convcli model metadata (format {data.get('format')!r})"
+            )
+        if data.get("version", 0) > META_VERSION:
+            raise ConvcliError(
+                f"{path}: metadata version {data['version']} is newer than this convcli "
+                f"understands ({META_VERSION}); upgrade convcli"
+            )
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference or training, with its tokenizer and metadata."""
+
+    model: PreTrainedModel
+    tokenizer: ConversationTokenizer
+    meta: ModelMeta
+    path: str
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`None` or "auto" picks CUDA when present, else CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConvcliError(f"unknown device {device!r}: {exc}") from exc
+
+
+def read_meta(name_or_path: str | Path, tokenizer: ConversationTokenizer) -> ModelMeta:
+    """The folder's convcli metadata, or what a foreign GPT-2 folder implies.
+
+    A folder convcli did not write (a hub GPT-2, a DialoGPT release) was trained
+    without token types and separates turns with the tokenizer's sep (its eos).
+    """
+    path = Path(name_or_path)
+    local = path / META_FILE
+    if local.is_file():
+        return ModelMeta.from_file(local)
+    if not path.exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return ModelMeta.from_file(Path(hf_hub_download(str(name_or_path), META_FILE)))
+        except Exception:  # no metadata on the hub, or offline: a foreign model
+            pass
+    return ModelMeta(
+        token_types=False,
+        sep_token_id=tokenizer.sep_token_id,
+        source=str(name_or_path),
+        tokenizer_fingerprint=tokenizer.fingerprint(),
+    )
+
+
+def load_model_folder(
+    name_or_path: str | Path,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> LoadedModel:
+    """Load a model folder (or hub name) with its tokenizer and metadata, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from convcli.tokenizer import ConversationTokenizer
+
+    path = Path(name_or_path)
+    if not path.exists() and not _looks_like_hub_id(str(name_or_path)):
+        raise ConvcliError(f"model folder not found: {name_or_path}")
+    if path.is_file():
+        raise ConvcliError(
+            f"{name_or_path} is a file, not a model folder"
+            + (
+                " (use `convcli convert` on checkpoints)"
+                if path.suffix in (".pkl", ".ckpt", ".pt")
+                else ""
+            )
+        )
+    tokenizer = ConversationTokenizer.from_pretrained(name_or_path)
+    meta = read_meta(name_or_path, tokenizer)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto")
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvcliError(f"cannot load model {str(name_or_path)!r}: {first}") from exc
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ConvcliError(
+            f"{name_or_path}: the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{rows} embeddings; they do not belong together"
+        )
+    model.to(resolve_device(device)).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, meta=meta, path=str(name_or_path))
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """`gpt2` or `org/name`; anything else that does not exist is a missing folder."""
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+
+
+def save_model_folder(
+    model: PreTrainedModel,
+    tokenizer: ConversationTokenizer,
+    meta: ModelMeta,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a complete model folder atomically: all of it, or nothing.
+
+    The generation config ends generation at the sep token and pads with the
+    tokenizer's pad id. `extra_files` maps file names to text (e.g. the resolved
+    configuration) to write beside the weights.
+    """
+
+    def write(tmp: Path) -> None:
+        gen = model.generation_config
+        gen.eos_token_id = tokenizer.sep_token_id
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.bos_token_id = tokenizer.sep_token_id
+        model.config.eos_token_id = model.config.bos_token_id = tokenizer.sep_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(tmp)
+        meta.sep_token_id = tokenizer.sep_token_id
+        meta.tokenizer_fingerprint = tokenizer.fingerprint()
+        (tmp / META_FILE).write_text(meta.to_json() + "\n", encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+
+    return write_atomically(output, write, overwrite=overwrite)
+
+
+def write_atomically(
+    output: str | Path, write: Callable[[Path], None], *, overwrite: bool = False
+) -> Path:
+    """Build a directory in a temporary sibling and move it into place when complete.
+
+    A crash leaves only a hidden `.NAME.tmp-*` sibling, never a half-written `output`.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ConvcliError(f"{output} already exists (pass --overwrite to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        write(tmp)
+        if output.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            output.rename(trash / output.name)
+            tmp.rename(output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

@@ -1,0 +1,229 @@
+"""The conversation encoding of seed 000, exactly, around any Hugging Face tokenizer.
+
+For turns t0..tn-1 the ids are `[sep] enc(t0) [sep] enc(t1) ... [sep]`. Segment i
+(its leading sep and the tokens of t_i) has token type `i % 2`; the final lone sep
+has `n % 2`. With the GPT-2 vocabulary and `["Hello", "How are you"]`:
+
+    ids   [50256, 15496, 50256, 2437, 389, 345, 50256]
+    types [0,     0,     1,     1,    1,   1,   0]
+
+The sep token is the tokenizer's own sep token, else its eos token (GPT-2 and
+DialoGPT end every turn with `<|endoftext|>`), else a `<sep>` special token added
+to the vocabulary (the model's embeddings must then be resized).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from convcli.errors import ConvcliError
+
+SEP_FALLBACK = "<sep>"
+
+# Per-token loss flags, aligned with the labels: flag[p] describes the target
+# token p, i.e. what the model predicts at position p - 1. A turn's flags cover
+# its text tokens and the sep that ends it.
+LOSS_RESPONSE = 1  # the token belongs to a reply: any turn but the first
+LOSS_WEIGHTED = 2  # the token's turn has a non-zero weight (DialoGPT TSV weights)
+
+
+def layout(
+    turn_ids: Sequence[Sequence[int]],
+    sep_id: int,
+    weighted: Sequence[bool] | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """Lay out encoded turns as (input ids, token types, loss flags).
+
+    `weighted[i]` says whether turn i has a non-zero weight (default: all do).
+    """
+    ids: list[int] = []
+    types: list[int] = []
+    flags: list[int] = []
+    previous = 0  # flags of the turn the next sep closes; nothing precedes the first sep
+    for i, tokens in enumerate(turn_ids):
+        turn_flags = (LOSS_RESPONSE if i else 0) | (
+            LOSS_WEIGHTED if weighted is None or weighted[i] else 0
+        )
+        ids.append(sep_id)
+        ids.extend(tokens)
+        types.extend([i % 2] * (len(tokens) + 1))
+        flags.append(previous)
+        flags.extend([turn_flags] * len(tokens))
+        previous = turn_flags
+    ids.append(sep_id)
+    types.append(len(turn_ids) % 2)
+    flags.append(previous)
+    return ids, types, flags
+
+
+def layout_length(turn_lengths: Sequence[int]) -> int:
+    """Length of `layout` for turns of these token lengths."""
+    return sum(turn_lengths) + len(turn_lengths) + 1
+
+
+def split_turns(ids: Sequence[int], sep_id: int) -> list[list[int]]:
+    """Inverse of `layout` on the ids: the token ids of each turn."""
+    turns: list[list[int]] = []
+    current: list[int] | None = None
+    for token in ids:
+        if token == sep_id:
+            if current is not None:
+                turns.append(current)
+            current = []
+        elif current is not None:
+            current.append(token)
+    if current:  # a trailing turn without its closing sep (e.g. cut generation)
+        turns.append(current)
+    return turns
+
+
+def truncate_turns(turn_ids: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
+    """Drop whole oldest turns until the layout fits in `budget` tokens.
+
+    The newest turn is never dropped; if it alone does not fit, its end is kept.
+    """
+    if budget < 3:
+        raise ValueError(f"a budget of {budget} tokens cannot hold a turn (need at least 3)")
+    kept: list[list[int]] = []
+    total = 1  # the final sep
+    for tokens in reversed(turn_ids):
+        cost = len(tokens) + 1
+        if total + cost > budget:
+            if not kept:
+                kept.append(list(tokens[len(tokens) - (budget - 2) :]))
+            break
+        kept.append(list(tokens))
+        total += cost
+    kept.reverse()
+    return kept
+
+
+def _is_batch(context: Sequence[Any]) -> bool:
+    if isinstance(context, str):
+        raise TypeError("a context is a list of turns, not a string: wrap it as [text]")
+    return bool(context) and not isinstance(context[0], str)
+
+
+class ConversationTokenizer:
+    """Wraps a Hugging Face tokenizer with the conversation layout of seed 000."""
+
+    def __init__(self, tokenizer: Any, sep_token: str = SEP_FALLBACK) -> None:
+        if tokenizer.sep_token is None:
+            if tokenizer.eos_token is not None:
+                tokenizer.sep_token = tokenizer.eos_token
+            else:
+                tokenizer.add_special_tokens({"sep_token": sep_token})
+        if tokenizer.pad_token is None:
+            # Padding is always masked out; reusing sep adds no token to the vocabulary.
+            tokenizer.pad_token = tokenizer.sep_token
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> ConversationTokenizer:
+        """Load a tokenizer by hub name or folder (a bare vocab.json + merges.txt works too)."""
+        return cls(load_hf_tokenizer(name_or_path, **kwargs))
+
+    # -- vocabulary -------------------------------------------------------------------------
+
+    @property
+    def sep_token(self) -> str:
+        return self.tokenizer.sep_token
+
+    @property
+    def sep_token_id(self) -> int:
+        return self.tokenizer.sep_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary and sep token: equal fingerprints encode text alike."""
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        payload = json.dumps([type(self.tokenizer).__name__, self.sep_token, vocab])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(path))
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def encode_turns(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each turn, in one batched call.
+
+        No BOS/EOS of the tokenizer's own, and special-token text typed by a user
+        (a literal "<|endoftext|>") is split like any text, so a sep never appears
+        inside a turn.
+        """
+        if not texts:
+            return []
+        return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"
+        ]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one turn."""
+        return self.encode_turns([text])[0]
+
+    def __call__(
+        self, context: Sequence[str] | Sequence[Sequence[str]], max_length: int | None = None
+    ) -> dict[str, list[Any]]:
+        """Encode a context (a list of turns), or a batch of them, in the seed's layout.
+
+        With `max_length`, whole oldest turns are dropped to fit (see `truncate_turns`).
+        A batch gives a list per key, unpadded.
+        """
+        batch = _is_batch(context)
+        contexts = [list(c) for c in context] if batch else [list(context)]  # type: ignore[arg-type]
+        flat = [turn for turns in contexts for turn in turns]
+        encoded = iter(self.encode_turns(flat))
+        out: dict[str, list[Any]] = {"input_ids": [], "token_type_ids": [], "attention_mask": []}
+        for turns in contexts:
+            turn_ids = [next(encoded) for _ in turns]
+            if max_length is not None:
+                turn_ids = truncate_turns(turn_ids, max_length)
+            ids, types, _ = layout(turn_ids, self.sep_token_id)
+            out["input_ids"].append(ids)
+            out["token_type_ids"].append(types)
+            out["attention_mask"].append([1] * len(ids))
+        return out if batch else {key: value[0] for key, value in out.items()}
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of one turn: special tokens (sep, eos, pad) removed, whitespace trimmed."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    def decode_turns(self, ids: Sequence[int]) -> list[str]:
+        """Inverse of `__call__`: the turns of a laid-out sequence."""
+        return [self.decode(turn) for turn in split_turns(ids, self.sep_token_id)]
+
+
+def load_hf_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:
+    """`AutoTokenizer.from_pretrained`, plus bare GPT-2 vocab folders, with a clear error."""
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    path = Path(name_or_path)
+    bare_gpt2 = (
+        path.is_dir()
+        and (path / "vocab.json").is_file()
+        and (path / "merges.txt").is_file()
+        and not (path / "tokenizer_config.json").exists()
+        and not (path / "config.json").exists()
+    )
+    try:
+        if bare_gpt2:
+            # transformers 5 needs from_pretrained(folder): vocab_file=/merges_file=
+            # silently build an empty vocabulary.
+            return GPT2TokenizerFast.from_pretrained(str(path), **kwargs)
+        return AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvcliError(f"cannot load tokenizer {str(name_or_path)!r}: {first}") from exc

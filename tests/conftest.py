@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny tokenizers and models built on the fly; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+GPT2_TOKENIZER = SHARED / "gpt2-tokenizer"
+DIALOGPT_DATA = SHARED / "dialogpt-data"
+
+# Small, regular dialogues: enough for a tokenizer and a few training steps.
+DIALOGUES = [
+    ["Hello", "Hi, how are you?", "I am fine, thank you."],
+    ["What is your name?", "My name is Tiny."],
+    ["Do you like tea?", "Yes, I like green tea.", "Me too!"],
+    ["こんにちは", "こんにちは、元気ですか?", "元気です。"],
+    ["Good morning", "Good morning to you too."],
+    ["Where do you live?", "I live in a small town.", "Is it nice?", "Yes, very quiet."],
+] * 4
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir() -> Path:
+    if not (GPT2_TOKENIZER / "vocab.json").is_file():
+        pytest.skip(f"the GPT-2 vocabulary is not at {GPT2_TOKENIZER} (../shared is absent)")
+    return GPT2_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer trained on DIALOGUES, saved as a folder."""
+    from convcli.data.vocab import train_bpe_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-tokenizer")
+    texts = [turn for dialogue in DIALOGUES for turn in dialogue]
+    train_bpe_tokenizer(texts, vocab_size=400, min_frequency=1).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_tokenizer_dir: Path):
+    from convcli.tokenizer import ConversationTokenizer
+
+    return ConversationTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def tiny_gpt2(vocab_size: int, *, n_positions: int = 128, seed: int = 0):
+    """A 2-layer, 64-wide GPT-2 with random weights."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=64, n_layer=2, n_head=4
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A complete convcli model folder: tiny random GPT-2 + the tiny tokenizer."""
+    from convcli.modelfolder import ModelMeta, save_model_folder
+    from convcli.tokenizer import ConversationTokenizer
+
+    tokenizer = ConversationTokenizer.from_pretrained(tiny_tokenizer_dir)
+    model = tiny_gpt2(len(tokenizer))
+    meta = ModelMeta(token_types=True, sep_token_id=tokenizer.sep_token_id, made_by="test")
+    return save_model_folder(model, tokenizer, meta, tmp_path_factory.mktemp("m") / "model")
+
+
+@pytest.fixture
+def make_shards(tmp_path: Path, tiny_tokenizer_dir: Path) -> Callable[..., Path]:
+    """Build a shard directory from dialogues without `prepare` (every 5th one is valid)."""
+    from convcli.data.shards import ShardWriter, ids_dtype, write_manifest
+    from convcli.tokenizer import ConversationTokenizer, layout
+
+    def make(dialogues: Sequence[Sequence[str]] = DIALOGUES, name: str = "shards") -> Path:
+        tokenizer = ConversationTokenizer.from_pretrained(tiny_tokenizer_dir)
+        out = tmp_path / name
+        out.mkdir()
+        tokenizer.save_pretrained(out / "tokenizer")
+        dtype = ids_dtype(len(tokenizer))
+        writers = {s: ShardWriter(out, s, dtype) for s in ("train", "valid")}
+        for i, dialogue in enumerate(dialogues):
+            ids, types, mask = layout(tokenizer.encode_turns(dialogue), tokenizer.sep_token_id)
+            writers["valid" if i % 5 == 4 else "train"].add(ids, types, mask)
+        splits = {s: {"shards": w.close()} for s, w in writers.items()}
+        write_manifest(
+            out,
+            {
+                "dtype": dtype.name,
+                "splits": splits,
+                "tokenizer": {"fingerprint": tokenizer.fingerprint()},
+            },
+        )
+        return out
+
+    return make
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, input: str | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m convcli ARGS` in a subprocess, using this checkout's package."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "convcli", *args],
+        cwd=cwd or REPO,
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import pytest
+
+from convcli.tokenizer import (
+    LOSS_RESPONSE,
+    LOSS_WEIGHTED,
+    ConversationTokenizer,
+    layout,
+    layout_length,
+    split_turns,
+    truncate_turns,
+)
+
+
+def test_seed_table_with_the_gpt2_vocabulary(gpt2_tokenizer_dir):
+    tokenizer = ConversationTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    assert tokenizer(["Hello", "How are you"]) == {
+        "input_ids": [50256, 15496, 50256, 2437, 389, 345, 50256],
+        "token_type_ids": [0, 0, 1, 1, 1, 1, 0],
+        "attention_mask": [1, 1, 1, 1, 1, 1, 1],
+    }
+    assert tokenizer.sep_token_id == 50256
+    assert len(tokenizer) == 50257  # eos doubles as sep: no token added
+
+
+def test_sep_added_as_a_real_special_token_when_missing(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    hf.sep_token = hf.eos_token = hf.pad_token = None
+    size = len(hf)
+    tokenizer = ConversationTokenizer(hf)
+    assert tokenizer.sep_token == "<sep>"
+    assert tokenizer.sep_token_id == size  # a new id, not unk
+    assert len(tokenizer) == size + 1
+    assert tokenizer.encode("<sep>") != [tokenizer.sep_token_id]  # typed text is split
+
+
+def test_tokenizer_own_bos_eos_do_not_leak_into_turns(tiny_tokenizer_dir):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    plain = ConversationTokenizer(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+    eos = hf.eos_token_id
+    hf.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
+    )
+    assert hf("hello")["input_ids"][0] == eos  # this tokenizer adds its own markers...
+    tokenizer = ConversationTokenizer(hf)
+    assert tokenizer(["hello", "there"]) == plain(["hello", "there"])  # ...but not in turns
+
+
+def test_special_token_text_typed_by_a_user_stays_text(tiny_tokenizer):
+    encoded = tiny_tokenizer(["a <|endoftext|> b", "c"])["input_ids"]
+    assert encoded.count(tiny_tokenizer.sep_token_id) == 3
+    assert tiny_tokenizer.decode_turns(encoded) == ["a <|endoftext|> b", "c"]
+
+
+def test_batch_encoding_matches_single_and_decodes_back(tiny_tokenizer):
+    contexts = [["Hello", "How are you?"], ["こんにちは"], ["a", "b", "c"]]
+    batch = tiny_tokenizer(contexts)
+    for i, context in enumerate(contexts):
+        single = tiny_tokenizer(context)
+        assert {k: v[i] for k, v in batch.items()} == single
+        assert tiny_tokenizer.decode_turns(single["input_ids"]) == context
+
+
+def test_a_string_context_is_refused(tiny_tokenizer):
+    with pytest.raises(TypeError, match="list of turns"):
+        tiny_tokenizer("Hello")
+
+
+def test_layout_types_and_loss_flags():
+    ids, types, flags = layout([[5], [6, 7], [8]], sep_id=0, weighted=[False, True, False])
+    assert ids == [0, 5, 0, 6, 7, 0, 8, 0]
+    assert types == [0, 0, 1, 1, 1, 0, 0, 1]
+    r, w = LOSS_RESPONSE, LOSS_WEIGHTED
+    # position 0 is never a target; a turn's sep closer carries that turn's flags
+    assert flags == [0, 0, 0, r | w, r | w, r | w, r, r]
+    assert layout_length([1, 2, 1]) == len(ids)
+    assert split_turns(ids, 0) == [[5], [6, 7], [8]]
+
+
+def test_truncation_drops_whole_oldest_turns():
+    turns = [[1] * 5, [2] * 5, [3] * 5]
+    assert truncate_turns(turns, 100) == turns
+    assert truncate_turns(turns, layout_length([5, 5])) == turns[1:]
+    assert truncate_turns(turns, layout_length([5, 5]) - 1) == turns[2:]
+
+
+def test_truncation_keeps_the_end_of_a_single_long_turn():
+    assert truncate_turns([[1, 2], list(range(10, 20))], 6) == [[16, 17, 18, 19]]
+
+
+def test_call_with_max_length_truncates(tiny_tokenizer):
+    full = tiny_tokenizer(["one two three", "four", "five"])
+    cut = tiny_tokenizer(["one two three", "four", "five"], max_length=len(full["input_ids"]) - 1)
+    assert tiny_tokenizer.decode_turns(cut["input_ids"]) == ["four", "five"]
+    assert cut["token_type_ids"][0] == 0  # types restart from the first kept turn
+
+
+def test_fingerprint_survives_save_and_load(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.save_pretrained(tmp_path)
+    assert (
+        ConversationTokenizer.from_pretrained(tmp_path).fingerprint()
+        == tiny_tokenizer.fingerprint()
+    )
+
+
+def test_missing_tokenizer_is_one_clear_error(tmp_path):
+    from convcli.errors import ConvcliError
+
+    with pytest.raises(ConvcliError, match="cannot load tokenizer"):
+        ConversationTokenizer.from_pretrained(tmp_path / "nope")
