@@ -128,10 +128,10 @@ def convert_checkpoint(
     notes: list[str] = []
     if tok is None:
         tok = _tokenizer(_recorded_tokenizer(ckpt, notes))
-    state, dropped = normalize_keys(ckpt.state, str(path))
+    state, dropped, origin = normalize_keys(ckpt.state, str(path))
     ckpt.state.clear()  # the renamed dict holds the tensors now: keep one reference only
     dropped += ckpt.ignored
-    shape = infer_shape(state, str(path))
+    shape = infer_shape(state, str(path), origin)
     recorded = _recorded_config(ckpt)
     heads = check_sizes(
         shape,

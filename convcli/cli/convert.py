@@ -23,7 +23,7 @@ def convert(
     checkpoint: Annotated[
         Path,
         typer.Argument(
-            help="A DialoGPT .pkl (e.g. medium_ft.pkl, small_reverse.pkl) or a convcli train .ckpt.",
+            help="A DialoGPT .pkl (e.g. medium_ft.pkl) or a convcli train .ckpt.",
             show_default=False,
         ),
     ],
@@ -41,7 +41,8 @@ def convert(
     ] = None,
     dtype: Annotated[Dtype, typer.Option(help="Weights dtype of the folder.")] = Dtype.float32,
     reverse: Annotated[
-        bool, typer.Option("--reverse", help="Mark it a reverse model (e.g. small_reverse.pkl), for MMI.")
+        bool,
+        typer.Option("--reverse", help="Mark it a reverse model (small_reverse.pkl), for MMI."),
     ] = False,
     n_head: Annotated[
         int | None,

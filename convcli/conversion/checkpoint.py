@@ -30,7 +30,7 @@ class Checkpoint:
     """The tensors of a checkpoint file and what we know about where they came from."""
 
     state: dict[str, torch.Tensor]
-    """The model's tensors, keys as found (Lightning's `model.` prefix already removed)."""
+    """The model's tensors, keys as found in the file."""
     kind: str
     """`dialogpt` for a bare state dict (.pkl), `lightning` for a convcli train .ckpt."""
     hparams: dict[str, Any] = field(default_factory=dict)
@@ -46,7 +46,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     raw = load_weights_only(path)
     if not isinstance(raw, dict):
         raise ConvcliError(
-            f"{path}: holds a {type(raw).__name__}, not a state dict (a mapping of names to tensors)"
+            f"{path}: holds a {type(raw).__name__}, not a state dict (names mapped to tensors)"
         )
     if isinstance(raw.get("state_dict"), dict):
         return _lightning(path, raw)
@@ -97,6 +97,8 @@ def _explain(exc: Exception) -> str:
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
     if "magic number" in first.lower():
         return "a pickle, but not one written by torch.save"
+    if "eof" in first.lower() or "corrupt" in first.lower():
+        return f"truncated or corrupt checkpoint ({first})"
     return f"not a readable PyTorch checkpoint ({first})"
 
 
@@ -118,7 +120,7 @@ def _tensors_only(path: Path, state: dict[Any, Any]) -> dict[str, torch.Tensor]:
 def _lightning(path: Path, raw: dict[str, Any]) -> Checkpoint:
     """The HF model of a convcli train checkpoint lives under `model.` (`self.model`)."""
     state = _tensors_only(path, raw["state_dict"])
-    inside = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    inside = {k: v for k, v in state.items() if k.startswith("model.")}
     ignored = [k for k in state if not k.startswith("model.")]
     if not inside:
         raise ConvcliError(

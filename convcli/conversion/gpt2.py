@@ -76,11 +76,11 @@ class Gpt2Shape:
 
 def normalize_keys(
     state: dict[str, torch.Tensor], where: str
-) -> tuple[dict[str, torch.Tensor], list[str]]:
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
     """Rename keys to Hugging Face's GPT-2 names; drop mask buffers and a tied lm_head copy.
 
-    Returns the new dict (same tensor objects, nothing copied) and the original names
-    of the dropped keys.
+    Returns the new dict (same tensor objects, nothing copied), the original names
+    of the dropped keys, and each new name's original name (for messages).
     """
     import torch
 
@@ -117,11 +117,16 @@ def normalize_keys(
         # DialoGPT's lm_head.decoder is a copy of wte: the folder ties them instead.
         dropped.append(origin.pop(LM_HEAD))
         del out[LM_HEAD]
-    return out, dropped
+    return out, dropped, origin
 
 
-def infer_shape(state: dict[str, torch.Tensor], where: str) -> Gpt2Shape:
-    """Read the model's size from its tensors; complain about anything not GPT-2."""
+def infer_shape(
+    state: dict[str, torch.Tensor], where: str, origin: dict[str, str] | None = None
+) -> Gpt2Shape:
+    """Read the model's size from its tensors; complain about anything not GPT-2.
+
+    `origin` maps names back to the file's own, for messages about unexpected keys.
+    """
     layers = {int(m.group(1)) for k in state if (m := LAYER.match(k))}
     n_layer = max(layers) + 1 if layers else 0
     for required in (WTE, WPE, "transformer.h.0.mlp.c_fc.weight"):
@@ -137,7 +142,7 @@ def infer_shape(state: dict[str, torch.Tensor], where: str) -> Gpt2Shape:
     expected = shape.expected()
     if set(expected) - set(state):
         _missing(state, where, n_layer)
-    unexpected = sorted(set(state) - set(expected) - {LM_HEAD})
+    unexpected = sorted((origin or {}).get(k, k) for k in set(state) - set(expected) - {LM_HEAD})
     if unexpected:
         raise ConvcliError(
             f"{where}: keys that are not part of GPT-2: {_some(unexpected)} "
@@ -164,7 +169,7 @@ def _missing(state: dict[str, torch.Tensor], where: str, n_layer: int) -> None:
     if len(missing) == len(guess.expected()):
         raise ConvcliError(
             f"{where}: not a GPT-2 state dict: missing {_some(missing)}; "
-            f"it holds {_some(list(state))}"
+            f"it holds {_some(sorted(state))}"
         )
     raise ConvcliError(f"{where}: incomplete GPT-2 state dict: missing {_some(missing)}")
 

@@ -38,7 +38,7 @@ def sample_inputs(
         torch.randint(0, vocab_size, (length,), generator=generator),
         torch.randint(0, vocab_size, (max(1, length // 3),), generator=generator),
     ]
-    return [torch.tensor(conversation)] + random
+    return [torch.tensor(conversation), *random]
 
 
 def logits_of(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
