@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convcli.conversion.checkpoint import Checkpoint, hparam, read_checkpoint
+from convcli.conversion.checkpoint import Checkpoint, hparam, read_checkpoint, release_pages
 from convcli.conversion.gpt2 import (
     LM_HEAD,
     WTE,
@@ -158,7 +158,11 @@ def convert_checkpoint(
     converted: dict[str, torch.Tensor] = {}
     keys = list(state)
     for done, key in enumerate(keys, 1):
-        converted[key] = state.pop(key).to(work).contiguous()
+        original = state.pop(key)
+        converted[key] = original.to(work).contiguous()
+        if ckpt.mapped and converted[key] is not original:
+            release_pages(original)  # else the mapped file stays resident beside its copy
+        del original
         report_progress("convert", done, len(keys))
     config = gpt2_config(shape, heads, tied=LM_HEAD not in converted, eos_id=tok.sep_token_id)
     for name in _CONFIG_HINTS:

@@ -39,18 +39,52 @@ class Checkpoint:
     """State-dict keys outside the model (Lightning keys not under `model.`)."""
     step: int | None = None
     """A Lightning checkpoint's global step."""
+    mapped: bool = False
+    """The tensors are memory-mapped views of the file (zip format)."""
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
     """Load a DialoGPT `.pkl` or a Lightning `.ckpt`: tensors only, memory-mapped if possible."""
     raw = load_weights_only(path)
+    mapped = is_zip(path)
     if not isinstance(raw, dict):
         raise ConvcliError(
             f"{path}: holds a {type(raw).__name__}, not a state dict (names mapped to tensors)"
         )
     if isinstance(raw.get("state_dict"), dict):
-        return _lightning(path, raw)
-    return Checkpoint(state=_tensors_only(path, raw), kind="dialogpt")
+        ckpt = _lightning(path, raw)
+    else:
+        ckpt = Checkpoint(state=_tensors_only(path, raw), kind="dialogpt")
+    ckpt.mapped = mapped
+    return ckpt
+
+
+def is_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == ZIP_MAGIC
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident file pages of a memory-mapped tensor we are done with.
+
+    Its pages stay in this process's RSS until the whole file is unmapped; converting
+    fp16 to fp32 would otherwise hold the file and its float32 copy at once. Only
+    whole pages inside the tensor are dropped, and only on Linux. The mapping is
+    private and never written, so a later read would just fetch them from the file again.
+    """
+    import ctypes
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last - first >= page:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
 
 
 def load_weights_only(path: Path) -> Any:

@@ -28,17 +28,17 @@ SAMPLE_TURNS = ["Does money buy happiness?", "Depends how much money you spend o
 def sample_inputs(
     tokenizer: ConversationTokenizer, vocab_size: int, n_positions: int
 ) -> list[torch.Tensor]:
-    """A real encoded conversation (no token types, as DialoGPT ran) and two random sequences."""
+    """A real encoded conversation (no token types, as DialoGPT ran) and a random sequence.
+
+    Short on purpose: at 345M every token costs about a GFLOP per forward on the CPU.
+    """
     import torch
 
     length = min(24, n_positions)
     conversation = tokenizer(SAMPLE_TURNS)["input_ids"][:length]
     generator = torch.Generator().manual_seed(0)
-    random = [
-        torch.randint(0, vocab_size, (length,), generator=generator),
-        torch.randint(0, vocab_size, (max(1, length // 3),), generator=generator),
-    ]
-    return [torch.tensor(conversation), *random]
+    random = torch.randint(0, vocab_size, (max(1, length * 2 // 3),), generator=generator)
+    return [torch.tensor(conversation), random]
 
 
 def logits_of(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
