@@ -1,0 +1,310 @@
+"""Original DialoGPT checkpoints (and convcli train .ckpt files) into verified model folders.
+
+    report = convert_checkpoint("medium_ft.pkl", "dialogpt-medium", tokenizer="gpt2-vocab/")
+
+The steps: read the file with `weights_only=True` (memory-mapped when it is a zip),
+rename its keys to Hugging Face's GPT-2 names, infer the size from the tensors, build
+the model around those very tensors (no random init), compute reference logits in
+float32, cast to the output dtype, write the folder atomically and, before moving it
+into place, load it with plain transformers and compare logits.
+
+Memory: tensors are converted one at a time and the originals released, so at most
+about two copies of the weights exist (the file's and the float32 one while it is built).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convcli.conversion.checkpoint import Checkpoint, hparam, read_checkpoint, release_pages
+from convcli.conversion.gpt2 import (
+    LM_HEAD,
+    WTE,
+    build_model,
+    check_sizes,
+    gpt2_config,
+    infer_shape,
+    normalize_keys,
+)
+from convcli.errors import ConvcliError, UsageError
+from convcli.modelfolder import META_FILE, ModelMeta, save_model_folder, write_atomically
+
+if TYPE_CHECKING:
+    from convcli.tokenizer import ConversationTokenizer
+
+DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_TOKENIZER = "gpt2"  # DialoGPT kept GPT-2's vocabulary unchanged
+# Architecture settings a train checkpoint's recorded model config may change.
+_CONFIG_HINTS = (
+    "activation_function",
+    "layer_norm_epsilon",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn",
+)
+
+Progress = Callable[[str, int, int], None]
+"""Called as `progress(stage, done, total)`; stages: load, convert, save, verify."""
+
+
+@dataclass
+class ConversionReport:
+    """What `convert_checkpoint` wrote, and how well it matched the checkpoint."""
+
+    path: Path
+    source: str
+    kind: str
+    """`dialogpt` (a bare state dict) or `lightning` (a convcli train .ckpt)."""
+    n_params: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_positions: int
+    vocab_size: int
+    dtype: str
+    source_dtype: str
+    reverse: bool
+    tied: bool
+    dropped: list[str]
+    """Original names of the keys left out: mask buffers, the lm_head copy of wte."""
+    max_logit_diff: float | None
+    """Largest |logit difference| against the original tensors; None without verification."""
+    folder_bytes: int
+    notes: list[str] = field(default_factory=list)
+    """Things worth a warning (e.g. a tokenizer smaller than the embedding table)."""
+
+    def summary(self) -> str:
+        diff = "not verified" if self.max_logit_diff is None else f"{self.max_logit_diff:.3g}"
+        return (
+            f"wrote {self.path}: {self.n_params / 1e6:.1f}M parameters "
+            f"({self.folder_bytes / 1e6:.1f} MB), {self.n_layer} layers, width {self.n_embd}, "
+            f"{self.n_head} heads, {self.dtype}, max logit diff {diff}"
+        )
+
+
+def convert_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    dtype: str = "float32",
+    reverse: bool = False,
+    n_head: int | None = None,
+    n_layer: int | None = None,
+    n_embd: int | None = None,
+    verify: bool = True,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ConversionReport:
+    """Convert a DialoGPT `.pkl` or a convcli train `.ckpt` into a model folder at `output`.
+
+    `tokenizer` defaults to the one a train checkpoint records, else GPT-2's (from the
+    hub: pass a folder with vocab.json + merges.txt to work offline). `n_layer` and
+    `n_embd` are checks (an error if the tensors disagree); `n_head` overrides the
+    64-wide-heads default and must divide the width. Nothing is left at `output`
+    unless the whole folder was written (and verified).
+    """
+    import torch
+
+    path, output = Path(checkpoint), Path(output)
+    report_progress = progress or (lambda stage, done, total: None)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if output.exists() and not overwrite:
+        raise ConvcliError(f"{output} already exists (pass --overwrite to replace it)")
+    if path.exists() and (output.resolve() == path.resolve() or output in path.parents):
+        raise UsageError(f"--output {output} would replace the checkpoint itself")
+    tok = _tokenizer(tokenizer) if tokenizer is not None else None  # fail before the big load
+
+    report_progress("load", 0, 1)
+    ckpt = read_checkpoint(path)
+    report_progress("load", 1, 1)
+    notes: list[str] = []
+    if tok is None:
+        tok = _tokenizer(_recorded_tokenizer(ckpt, notes))
+    state, dropped, origin = normalize_keys(ckpt.state, str(path))
+    ckpt.state.clear()  # the renamed dict holds the tensors now: keep one reference only
+    dropped += ckpt.ignored
+    shape = infer_shape(state, str(path), origin)
+    recorded = _recorded_config(ckpt)
+    heads = check_sizes(
+        shape,
+        n_head=n_head or _int(recorded.get("n_head")) or _int(hparam(ckpt.hparams, "n_head")),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        head_source="--n-head" if n_head else "the checkpoint's recorded n_head",
+    )
+    if len(tok) > shape.vocab_size:
+        raise ConvcliError(
+            f"the tokenizer has {len(tok)} tokens but {path} only {shape.vocab_size} embedding "
+            "rows: they do not belong together (wrong --tokenizer?)"
+        )
+    if len(tok) < shape.vocab_size:
+        notes.append(
+            f"the tokenizer has {len(tok)} tokens, the model {shape.vocab_size} embedding rows"
+        )
+    source_dtype = str(state[WTE].dtype).removeprefix("torch.")
+    target = getattr(torch, dtype)
+
+    # One tensor at a time, releasing each original: float32 for the reference when
+    # verifying (fp16 -> fp32 is exact), else straight to the output dtype.
+    work = torch.float32 if verify else target
+    converted: dict[str, torch.Tensor] = {}
+    keys = list(state)
+    for done, key in enumerate(keys, 1):
+        original = state.pop(key)
+        converted[key] = original.to(work).contiguous()
+        if ckpt.mapped and converted[key] is not original:
+            release_pages(original)  # else the mapped file stays resident beside its copy
+        del original
+        report_progress("convert", done, len(keys))
+    config = gpt2_config(shape, heads, tied=LM_HEAD not in converted, eos_id=tok.sep_token_id)
+    for name in _CONFIG_HINTS:
+        value = recorded.get(name)
+        if value is not None:
+            setattr(config, name, value)
+    model = build_model(config, converted)
+    del converted
+    n_params = sum(p.numel() for p in model.parameters())
+
+    reference: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
+    if verify:
+        from convcli.conversion.verify import logits_of, sample_inputs
+
+        inputs = sample_inputs(tok, shape.vocab_size, shape.n_positions)
+        reference = logits_of(model, inputs)
+        model.to(target)  # parameter by parameter: the float32 copies go as we cast
+
+    token_types = bool(hparam(ckpt.hparams, "token_types")) if ckpt.kind == "lightning" else False
+    if ckpt.kind == "lightning" and hparam(ckpt.hparams, "token_types") is None:
+        token_types = True
+        notes.append("the checkpoint does not record token_types: assumed it was trained with them")
+    meta = ModelMeta(
+        token_types=token_types,
+        sep_token_id=tok.sep_token_id,
+        reverse=reverse or bool(hparam(ckpt.hparams, "reverse")),
+        made_by="convert",
+        source=str(path),
+        extra={
+            "checkpoint_kind": ckpt.kind,
+            "source_dtype": source_dtype,
+            "dropped_keys": dropped,
+            **({"global_step": ckpt.step} if ckpt.step is not None else {}),
+        },
+    )
+    holder = [model]
+    del model
+    max_diff: float | None = None
+
+    def write(tmp: Path) -> None:
+        nonlocal max_diff
+        report_progress("save", 0, 1)
+        save_model_folder(holder.pop(), tok, meta, tmp, overwrite=True)
+        gc.collect()  # the folder is on disk: free this copy before loading it back
+        report_progress("save", 1, 1)
+        if verify:
+            from convcli.conversion.verify import verify_folder
+
+            steps = iter(range(1, len(inputs) + 2))
+            max_diff = verify_folder(
+                tmp,
+                inputs,
+                reference,
+                dtype,
+                step=lambda: report_progress("verify", next(steps), len(inputs) + 1),
+            )
+            meta.extra["verified_max_logit_diff"] = max_diff
+            (tmp / META_FILE).write_text(meta.to_json() + "\n", encoding="utf-8")
+
+    with _quiet_transformers():
+        written = write_atomically(output, write, overwrite=overwrite)
+    return ConversionReport(
+        path=written,
+        source=str(path),
+        kind=ckpt.kind,
+        n_params=n_params,
+        n_layer=shape.n_layer,
+        n_embd=shape.n_embd,
+        n_head=heads,
+        n_positions=shape.n_positions,
+        vocab_size=shape.vocab_size,
+        dtype=dtype,
+        source_dtype=source_dtype,
+        reverse=meta.reverse,
+        tied=config.tie_word_embeddings,
+        dropped=dropped,
+        max_logit_diff=max_diff,
+        folder_bytes=sum(f.stat().st_size for f in written.iterdir() if f.is_file()),
+        notes=notes,
+    )
+
+
+def _tokenizer(name: str | Path) -> ConversationTokenizer:
+    from convcli.tokenizer import ConversationTokenizer
+
+    try:
+        return ConversationTokenizer.from_pretrained(name)
+    except ConvcliError as exc:
+        hint = (
+            "; DialoGPT uses GPT-2's vocabulary: pass --tokenizer with a folder holding its "
+            "vocab.json and merges.txt to work offline"
+            if str(name) == DEFAULT_TOKENIZER
+            else ""
+        )
+        raise ConvcliError(f"{exc}{hint}") from exc
+
+
+def _recorded_tokenizer(ckpt: Checkpoint, notes: list[str]) -> str:
+    """The tokenizer a train checkpoint records, else GPT-2's (a DialoGPT file records none)."""
+    if ckpt.kind != "lightning":
+        return DEFAULT_TOKENIZER
+    named = hparam(ckpt.hparams, "tokenizer", "tokenizer_path", "tokenizer_name_or_path")
+    if isinstance(named, (str, Path)):
+        return str(named)
+    shards = hparam(ckpt.hparams, "shards", "data")
+    if isinstance(shards, (str, Path)) and (Path(shards) / "tokenizer").is_dir():
+        return str(Path(shards) / "tokenizer")
+    base = hparam(ckpt.hparams, "model_name_or_path", "base_model", "model")
+    if isinstance(base, (str, Path)):
+        notes.append(f"used the tokenizer of the base model {base}")
+        return str(base)
+    raise ConvcliError(
+        "the checkpoint's hyper_parameters do not name its tokenizer; pass --tokenizer"
+    )
+
+
+def _recorded_config(ckpt: Checkpoint) -> dict[str, Any]:
+    """The model config a train checkpoint records (a dict, or its base model's config.json)."""
+    config = hparam(ckpt.hparams, "model_config", "config")
+    if isinstance(config, dict):
+        return config
+    base = hparam(ckpt.hparams, "model_name_or_path", "base_model", "model")
+    if isinstance(base, (str, Path)) and (Path(base) / "config.json").is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+    return {}
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own loading/saving bars would interleave with ours."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
