@@ -9,11 +9,13 @@ goes through `load_model_folder`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +89,21 @@ class LoadedModel:
     path: str
 
 
+@contextlib.contextmanager
+def quiet_weight_bars() -> Iterator[None]:
+    """Hide transformers' per-shard "Loading/Writing weights" bars: our commands report
+    their own progress, and a tiny model's folder should not draw three bars."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """`None` or "auto" picks CUDA when present, else CPU."""
     import torch
@@ -150,7 +167,8 @@ def load_model_folder(
     tokenizer = ConversationTokenizer.from_pretrained(name_or_path)
     meta = read_meta(name_or_path, tokenizer)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto")
+        with quiet_weight_bars():
+            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto")
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConvcliError(f"cannot load model {str(name_or_path)!r}: {first}") from exc
@@ -192,7 +210,8 @@ def save_model_folder(
         gen.bos_token_id = tokenizer.sep_token_id
         model.config.eos_token_id = model.config.bos_token_id = tokenizer.sep_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(str(tmp))
+        with quiet_weight_bars():
+            model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(tmp)
         meta.sep_token_id = tokenizer.sep_token_id
         meta.tokenizer_fingerprint = tokenizer.fingerprint()
@@ -215,8 +234,14 @@ def write_atomically(
         raise ConvcliError(f"{output} already exists (pass --overwrite to replace it)")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         write(tmp)
+        for file in tmp.rglob("*"):  # some writers (safetensors via tempfile) make 0600 files
+            if file.is_file():
+                file.chmod(0o666 & ~umask)
         if output.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             output.rename(trash / output.name)

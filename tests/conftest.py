@@ -58,7 +58,13 @@ def tiny_gpt2(vocab_size: int, *, n_positions: int = 128, seed: int = 0):
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=vocab_size, n_positions=n_positions, n_embd=64, n_layer=2, n_head=4
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=None,
+        eos_token_id=None,  # GPT-2's 50256 is outside a tiny vocabulary
     )
     return GPT2LMHeadModel(config).eval()
 

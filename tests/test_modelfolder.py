@@ -64,3 +64,13 @@ def test_tokenizer_larger_than_embeddings_is_refused(tiny_tokenizer, tmp_path):
 def test_missing_folder_is_one_clear_error(tmp_path):
     with pytest.raises(ConvcliError, match="model folder not found"):
         load_model_folder(tmp_path / "nope")
+
+
+def test_written_folder_has_ordinary_permissions(tiny_model_dir):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(tiny_model_dir.stat().st_mode) == 0o777 & ~umask
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask for f in tiny_model_dir.iterdir())
