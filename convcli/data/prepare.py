@@ -336,6 +336,9 @@ def _sha256(path: Path) -> str:
 
 
 def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> PrepareResult:
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; the output is an ordinary folder
     tokenizer = _tokenizer(settings, progress)
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     encoder = Encoder(tokenizer, settings.max_length, settings.long_turn)
