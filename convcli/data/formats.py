@@ -213,9 +213,9 @@ def _decode(data: bytes, number: int, source: str) -> str | BadRecord:
 
 def _check_turns(turns: list[str], weights: list[float] | None, source: str, line: int) -> Record:
     stripped = [t.strip() for t in turns]
-    for i, turn in enumerate(stripped):
-        if not turn:
-            return BadRecord("empty-turn", f"turn {i + 1} is empty", source, line)
+    if not all(stripped):
+        empty = stripped.index("") + 1
+        return BadRecord("empty-turn", f"turn {empty} is empty", source, line)
     if len(stripped) < 2:
         return BadRecord(
             "one-turn", "a dialogue needs at least 2 turns, this one has 1", source, line
@@ -239,7 +239,7 @@ def _read_jsonl(lines: Iterator[Line], source: str) -> Iterator[Record]:
             yield BadRecord("malformed-json", message, source, number)
             continue
         turns = value.get("turns") if isinstance(value, dict) else value
-        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+        if not isinstance(turns, list) or not set(map(type, turns)) <= {str}:
             yield BadRecord(
                 "not-turns",
                 'expected a JSON array of strings or an object with a "turns" array of strings',

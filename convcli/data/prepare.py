@@ -375,10 +375,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
     with _parallel(encoder, settings.workers) as parallel_map:
         for result in parallel_map(tasks()):
             for split, (ids, types, mask, lengths) in result.arrays.items():
-                writer = writers[split]
-                ends = np.cumsum(lengths)
-                for start, end in zip(ends - lengths, ends, strict=True):
-                    writer.add(ids[start:end], types[start:end], mask[start:end])
+                writers[split].add_many(ids, types, mask, lengths)
                 split_dialogues[split] += result.written[split]
             skipped["turn-too-long"] += result.too_long
             truncated += result.truncated_turns

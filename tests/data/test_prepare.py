@@ -204,16 +204,16 @@ def test_a_crash_mid_write_leaves_nothing_and_a_rerun_succeeds(tmp_path, run, mo
 
     def crash(self, *args):
         calls.append(1)
-        if len(calls) > 5:
+        if len(calls) > 1:  # the train split is on disk, valid is not
             raise KeyboardInterrupt
         return original(self, *args)
 
-    original = shards.ShardWriter.add
-    monkeypatch.setattr(shards.ShardWriter, "add", crash)
+    original = shards.ShardWriter.add_many
+    monkeypatch.setattr(shards.ShardWriter, "add_many", crash)
     with pytest.raises(KeyboardInterrupt):
         run(source)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
-    monkeypatch.setattr(shards.ShardWriter, "add", original)
+    monkeypatch.setattr(shards.ShardWriter, "add_many", original)
     assert len(decoded(run(source).output)) == len(DIALOGUES)
 
 
