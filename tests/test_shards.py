@@ -27,6 +27,27 @@ def test_round_trip_across_several_shards(tmp_path):
     assert isinstance(split[0].ids, np.memmap)  # read from the map, not loaded
 
 
+def test_add_many_equals_add_one_by_one(tmp_path):
+    examples = [list(range(n, n + 3 + n % 4)) for n in range(30)]
+    flat = np.array([t for ex in examples for t in ex])
+    lengths = np.array([len(ex) for ex in examples])
+    one, many = tmp_path / "one", tmp_path / "many"
+    for path in (one, many):
+        path.mkdir()
+        writer = ShardWriter(path, "train", np.dtype(np.uint16), shard_tokens=25, buffer_tokens=7)
+        if path == one:
+            for ex in examples:
+                writer.add(ex, ex, ex)
+        else:
+            cut = int(lengths[:8].sum())
+            writer.add_many(flat[:cut], flat[:cut], flat[:cut], lengths[:8])
+            writer.add_many(flat[cut:], flat[cut:], flat[cut:], lengths[8:])
+        assert len(writer.close()) > 3
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in many.iterdir())
+    for file in one.iterdir():
+        assert file.read_bytes() == (many / file.name).read_bytes(), file.name
+
+
 def test_manifest_that_does_not_match_its_files_is_refused(make_shards):
     path = make_shards()
     with open(path / "train-00000.ids.bin", "ab") as f:

@@ -52,6 +52,28 @@ def test_tokenizer_own_bos_eos_do_not_leak_into_turns(tiny_tokenizer_dir):
     assert tokenizer(["hello", "there"]) == plain(["hello", "there"])  # ...but not in turns
 
 
+@pytest.mark.parametrize("which", ["gpt2", "tiny"])
+def test_encode_turns_fast_path_matches_the_hf_call(which, request):
+    folder = request.getfixturevalue(
+        "gpt2_tokenizer_dir" if which == "gpt2" else "tiny_tokenizer_dir"
+    )
+    tokenizer = ConversationTokenizer.from_pretrained(folder)
+    texts = [
+        "Hello",
+        " two  spaces ",
+        "a <|endoftext|> b",
+        "こんにちは、元気?",
+        "emoji 🙂\ttab",
+        "<sep>",
+    ]
+    slow = tokenizer.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
+    assert tokenizer.encode_turns(texts) == slow["input_ids"]
+    # The backend's own flag is left as it was: plain HF calls still see special tokens.
+    assert tokenizer.tokenizer("<|endoftext|>", add_special_tokens=False)["input_ids"] == [
+        tokenizer.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ]
+
+
 def test_special_token_text_typed_by_a_user_stays_text(tiny_tokenizer):
     encoded = tiny_tokenizer(["a <|endoftext|> b", "c"])["input_ids"]
     assert encoded.count(tiny_tokenizer.sep_token_id) == 3

@@ -9,6 +9,7 @@ import typer
 from convcli import __version__
 from convcli.cli.common import friendly_errors
 from convcli.cli.convert import convert
+from convcli.cli.prepare import prepare
 
 app = typer.Typer(
     name="convcli",
@@ -20,7 +21,7 @@ app = typer.Typer(
 )
 
 # One line each in `convcli --help`: the first line of each command's docstring.
-COMMANDS: list = [convert]
+COMMANDS: list = [prepare, convert]
 for _command in COMMANDS:
     app.command(_command.__name__)(friendly_errors(_command))
 

@@ -45,10 +45,13 @@ def friendly_errors(command: F) -> F:
 
 def given_flags(ctx: typer.Context, values: Mapping[str, Any]) -> dict[str, Any]:
     """The subset of `values` the user typed on the command line (they beat --config)."""
-    from click.core import ParameterSource
-
-    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    return {k: v for k, v in values.items() if ctx.get_parameter_source(k) in typed}
+    # By name: typer 0.29 vendors its own click, whose ParameterSource is not click's.
+    typed = ("COMMANDLINE", "ENVIRONMENT")
+    return {
+        k: v
+        for k, v in values.items()
+        if getattr(ctx.get_parameter_source(k), "name", None) in typed
+    }
 
 
 def stdin_is_terminal() -> bool:

@@ -92,6 +92,36 @@ class ShardWriter:
         if self._offset >= self.shard_tokens:
             self._close_shard()
 
+    def add_many(
+        self, ids: np.ndarray, types: np.ndarray, mask: np.ndarray, lengths: np.ndarray
+    ) -> None:
+        """Append several examples given as flat arrays and their lengths (same as `add`
+        for each, but without a Python call per example)."""
+        if not len(ids) == len(types) == len(mask) == int(np.sum(lengths)):
+            raise ValueError("ids, types and mask must have the same length, sum(lengths)")
+        lengths = np.asarray(lengths, dtype=np.int64)
+        start = 0
+        while len(lengths):
+            if not self._files:
+                self._open()
+            ends = self._offset + np.cumsum(lengths)
+            # As `add`: the shard closes after the example that reaches shard_tokens.
+            full = int(np.searchsorted(ends, self.shard_tokens, side="left"))
+            count = min(full + 1, len(lengths))
+            stop = start + int(ends[count - 1] - self._offset)
+            for array, values in (("ids", ids), ("types", types), ("mask", mask)):
+                dtype = ARRAYS[array] or self.dtype
+                self._buffers[array].append(np.asarray(values[start:stop], dtype=dtype))
+            self._buffers["offsets"].append(ends[:count])
+            self._buffered += stop - start
+            self._offset = int(ends[count - 1])
+            self._examples += count
+            start, lengths = stop, lengths[count:]
+            if self._buffered >= self.buffer_tokens:
+                self._flush()
+            if self._offset >= self.shard_tokens:
+                self._close_shard()
+
     def close(self) -> list[dict[str, Any]]:
         """Finish the last shard; returns the shard entries for the manifest."""
         if self._files:

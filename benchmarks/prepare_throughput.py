@@ -1,0 +1,145 @@
+"""Whole `prepare` tokens/s against raw `tokenizers` encode_batch, and peak memory at 1x/10x.
+
+    python benchmarks/prepare_throughput.py [--turns 200000] [--scale 10] [--tokenizer DIR]
+
+On a generated corpus (JSONL, deterministic), measured in this process:
+  baseline: the backend `tokenizers.Tokenizer.encode_batch` over every turn (its own threads);
+  prepare:  the whole pipeline (read, check, split, tokenize, lay out, write shards), 2 workers.
+Both are divided into the same count of text tokens; the ratio is prepare / baseline
+(target >= 0.8). Peak memory is measured in child processes (ru_maxrss of the process
+and of its tokenizer workers) on the corpus and on one `--scale` times larger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+GPT2 = REPO.parent / "shared" / "gpt2-tokenizer"
+
+_TEXT = """i you we they it is are was like love want have tea coffee rice bread music movies
+the a an this that today tomorrow yesterday very really quite good nice fine great hello hi
+thanks sure maybe no yes where when what how why who name town city weather sunny rainy cold
+warm walk read cook play work study sleep friend family dog cat"""
+WORDS = _TEXT.split()
+
+
+def write_corpus(path: Path, turns: int, seed: int = 0) -> list[str]:
+    """A JSONL corpus of about `turns` turns (2-6 per dialogue); returns every turn."""
+    rng = random.Random(seed)
+    all_turns: list[str] = []
+    with open(path, "w", encoding="utf-8") as f:
+        while len(all_turns) < turns:
+            dialogue = [
+                " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 16))).capitalize() + "."
+                for _ in range(rng.randint(2, 6))
+            ]
+            all_turns += dialogue
+            f.write(json.dumps(dialogue) + "\n")
+    return all_turns
+
+
+def _peak_rss_mib() -> float:
+    # ru_maxrss survives exec on Linux (it would report this benchmark's own peak, as the
+    # parent of the child); the kernel's VmHWM is the child's own.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(corpus: str, output: str, tokenizer: str) -> None:
+    """Run prepare and print peak RSS (MiB) of this process and of its workers."""
+    from convcli.data.prepare import PrepareSettings, prepare
+
+    prepare(PrepareSettings(inputs=[corpus], output=Path(output), tokenizer=tokenizer))
+    me = _peak_rss_mib()
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"main_mib": me, "worker_mib": workers}))
+
+
+def peak_memory(corpus: Path, output: Path, tokenizer: str) -> dict[str, float]:
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.prepare_throughput import child; child(*sys.argv[2:])"  # noqa: E501
+    args = [sys.executable, "-c", code, str(REPO), str(corpus), str(output), tokenizer]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=200_000)
+    parser.add_argument(
+        "--scale", type=int, default=10, help="memory run at this many times (0: none)"
+    )
+    parser.add_argument("--tokenizer", default=str(GPT2) if GPT2.is_dir() else None)
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="convcli-bench-") as tmp:
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    from convcli.data.prepare import PrepareSettings, prepare
+    from convcli.tokenizer import ConversationTokenizer
+
+    corpus = work / "corpus.jsonl"
+    turns = write_corpus(corpus, args.turns)
+    if args.tokenizer is None:  # no GPT-2 vocabulary around: train one (not timed)
+        from convcli.data.vocab import train_bpe_tokenizer
+
+        args.tokenizer = str(work / "tokenizer")
+        train_bpe_tokenizer(turns, vocab_size=8000).save_pretrained(args.tokenizer)
+    tokenizer = ConversationTokenizer.from_pretrained(args.tokenizer)
+    backend = tokenizer.tokenizer.backend_tokenizer
+    backend.encode_special_tokens = True  # as encode_turns does
+
+    base, whole = float("inf"), float("inf")
+    for i in range(args.repeats):
+        start = time.perf_counter()
+        tokens = sum(len(e) for e in backend.encode_batch(turns, add_special_tokens=False))
+        base = min(base, time.perf_counter() - start)
+        settings = PrepareSettings(
+            inputs=[str(corpus)], output=work / f"out{i}", tokenizer=args.tokenizer
+        )
+        start = time.perf_counter()
+        result = prepare(settings)
+        whole = min(whole, time.perf_counter() - start)
+    mib = corpus.stat().st_size / 2**20
+    print(
+        f"corpus: {len(turns)} turns, {result.dialogues_written} dialogues, {mib:.1f} MiB, "
+        f"{tokens} text tokens ({result.tokens} with seps); tokenizer {args.tokenizer}"
+    )
+    print(f"raw encode_batch: {tokens / base:,.0f} tokens/s ({base:.2f}s)")
+    print(f"whole prepare:    {tokens / whole:,.0f} tokens/s ({whole:.2f}s)")
+    print(f"ratio prepare/raw: {base / whole:.2f} (target >= 0.8)")
+
+    if args.scale < 2:
+        return
+    big = work / "big.jsonl"
+    with open(big, "w", encoding="utf-8") as f:
+        text = corpus.read_text(encoding="utf-8")
+        for _ in range(args.scale):
+            f.write(text)
+    small_mem = peak_memory(corpus, work / "mem1", args.tokenizer)
+    big_mem = peak_memory(big, work / "mem10", args.tokenizer)
+    for label, mem in ((" 1x", small_mem), (f"{args.scale}x", big_mem)):
+        main_mib, worker_mib = mem["main_mib"], mem["worker_mib"]
+        print(f"peak RSS {label}: main {main_mib:.0f} MiB, each worker {worker_mib:.0f} MiB")
+    total = [m["main_mib"] + 2 * m["worker_mib"] for m in (small_mem, big_mem)]
+    print(f"peak memory ratio {args.scale}x/1x: {total[1] / total[0]:.2f} (target <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Settings of `convcli prepare` (a light module: the CLI imports it without torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class PrepareSettings:
+    """How `prepare` turns dialogue corpora into a shard directory."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Input files or globs (JSONL, DialoGPT TSV or plain text; .gz works too)."""
+
+    output: Path | None = None
+    """The shard directory to write."""
+
+    tokenizer: str | None = None
+    """Tokenizer folder or Hugging Face name (e.g. a model folder). Or use train_tokenizer."""
+
+    train_tokenizer: bool = False
+    """Train a byte-level BPE tokenizer on the inputs instead of loading one."""
+
+    vocab_size: int = 8000
+    """Vocabulary size of the trained tokenizer (with train_tokenizer)."""
+
+    format: Literal["auto", "jsonl", "tsv", "text"] = "auto"
+    """Input format; auto detects it per file from the extension, else the first line."""
+
+    max_length: int = 1024
+    """Most tokens per example; longer dialogues become several examples by whole turns."""
+
+    long_turn: Literal["truncate", "skip"] = "truncate"
+    """A single turn longer than max_length: truncate it (keeps its start) or skip its dialogue."""
+
+    valid_fraction: float = 0.05
+    """Fraction of dialogues for the validation split, chosen by a hash of each dialogue."""
+
+    dedupe: bool = False
+    """Drop exact duplicate dialogues (same turns), keeping the first."""
+
+    on_error: Literal["strict", "skip"] = "strict"
+    """A bad input line: stop with file:line (strict) or skip it and count it by reason."""
+
+    workers: int = 2
+    """Processes that tokenize in parallel (the output does not depend on it)."""
+
+    shard_tokens: int = 2**28
+    """Tokens per shard file before a new one starts."""
+
+    overwrite: bool = False
+    """Replace the output directory if it exists."""

@@ -1,0 +1,138 @@
+"""Generate convcli's sample corpus: templated small talk, deterministic, our own text.
+
+    python sample_data/make_sample_data.py      # rewrites the files next to this script
+
+Each reply follows from its context (a name is echoed, each city has one weather, each
+number is followed by the next), so a tiny model learns it in a minute of CPU. Writes the
+same dialogues as JSONL, DialoGPT TSV (with weights) and plain text, plus a few held-out
+contexts (never in the corpus) for demos.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED = 2024
+DIALOGUES = 2400
+
+# fmt: off
+NAMES = ["Aiko", "Ben", "Carla", "Dev", "Emma", "Farid", "Greta", "Hiro", "Ines", "Jonas",
+         "Kenji", "Lena", "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara"]
+CITY_WEATHER = {"Tokyo": "sunny", "London": "rainy", "Paris": "cloudy", "Oslo": "snowy",
+                "Cairo": "hot", "Lima": "foggy", "Rome": "warm", "Seoul": "windy"}
+FOODS_LIKED = ["apples", "rice", "noodles", "soup", "bread", "cheese"]
+FOODS_DISLIKED = ["onions", "olives", "mushrooms", "peppers"]
+THING_COLOR = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white",
+               "night": "dark", "strawberry": "red", "orange": "orange", "coal": "black"}
+CITY_JA = {"東京": "晴れ", "大阪": "雨", "京都": "くもり", "札幌": "雪"}
+FOOD_JA = ["すし", "ラーメン", "カレー", "りんご"]
+NUMBERS_JA = ["いち", "に", "さん", "し", "ご", "ろく", "しち", "はち", "きゅう", "じゅう"]
+# fmt: on
+
+
+def greeting(rng: random.Random) -> list[str]:
+    hello = rng.choice(["Hello!", "Hi!", "Hey there!", "Good morning!"])
+    return [hello, "Hello! How are you?", "I am fine, thank you."]
+
+
+def names(rng: random.Random) -> list[str]:
+    name = rng.choice(NAMES)
+    if rng.random() < 0.5:
+        return [f"My name is {name}.", f"Nice to meet you, {name}!"]
+    return ["What is your name?", "My name is Tiny.", f"I am {name}.", f"Nice to meet you, {name}!"]
+
+
+def weather(rng: random.Random) -> list[str]:
+    city = rng.choice(list(CITY_WEATHER))
+    return [f"How is the weather in {city}?", f"It is {CITY_WEATHER[city]} in {city} today."]
+
+
+def food(rng: random.Random) -> list[str]:
+    item = rng.choice(FOODS_LIKED + FOODS_DISLIKED)
+    reply = f"Yes, I love {item}." if item in FOODS_LIKED else f"No, I do not like {item}."
+    return [f"Do you like {item}?", reply]
+
+
+def numbers(rng: random.Random) -> list[str]:
+    n = rng.randint(1, 40)
+    return [f"What comes after {n}?", f"{n + 1} comes after {n}."]
+
+
+def colors(rng: random.Random) -> list[str]:
+    thing = rng.choice(list(THING_COLOR))
+    return [f"What color is the {thing}?", f"The {thing} is {THING_COLOR[thing]}."]
+
+
+def goodbye(rng: random.Random) -> list[str]:
+    return [rng.choice(["Goodbye!", "Bye!", "See you!"]), "Goodbye, see you tomorrow!"]
+
+
+def japanese(rng: random.Random) -> list[str]:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return ["こんにちは", "こんにちは!元気ですか?", "元気です、ありがとう。"]
+    if kind == 1:
+        city = rng.choice(list(CITY_JA))
+        return [f"{city}の天気はどうですか?", f"{city}は今日{CITY_JA[city]}です。"]
+    if kind == 2:
+        item = rng.choice(FOOD_JA)
+        return [f"{item}は好きですか?", f"はい、{item}が大好きです。"]
+    i = rng.randrange(len(NUMBERS_JA) - 1)
+    return [f"{NUMBERS_JA[i]}の次は?", f"{NUMBERS_JA[i]}の次は{NUMBERS_JA[i + 1]}です。"]
+
+
+TOPICS = [greeting, names, weather, food, numbers, colors, goodbye, japanese]
+
+
+def dialogue(rng: random.Random) -> list[str]:
+    turns = rng.choice(TOPICS)(rng)
+    if rng.random() < 0.25 and len(turns) % 2 == 0:  # a second topic, same speakers in turn
+        turns = turns + rng.choice([weather, food, numbers, colors])(rng)
+    return turns
+
+
+# Contexts no corpus dialogue starts with: new names, a number past the range, topics
+# chained in an order the generator never uses.
+HELD_OUT = [
+    {"turns": ["My name is Yuki."], "expected": "Nice to meet you, Yuki!"},
+    {"turns": ["What is your name?", "My name is Tiny.", "I am Zane."],
+     "expected": "Nice to meet you, Zane!"},
+    {"turns": ["What comes after 41?"], "expected": "42 comes after 41."},
+    {"turns": ["Good morning!", "Hello! How are you?", "I am fine, thank you.",
+               "How is the weather in Oslo?"], "expected": "It is snowy in Oslo today."},
+    {"turns": ["こんにちは", "こんにちは!元気ですか?", "元気です、ありがとう。",
+               "東京の天気はどうですか?"], "expected": "東京は今日晴れです。"},
+]  # fmt: skip
+
+
+def tsv_line(turns: list[str]) -> str:
+    """DialoGPT's weighted form: the responder's turns weigh 1.0, the other side's 0.0."""
+    last = len(turns) - 1
+    weighted = [f"{1.0 if (last - i) % 2 == 0 else 0.0} {t}" for i, t in enumerate(turns)]
+    return " EOS ".join(weighted[:-1]) + "\t" + weighted[-1]
+
+
+def main() -> None:
+    rng = random.Random(SEED)
+    dialogues = [dialogue(rng) for _ in range(DIALOGUES)]
+    for context in HELD_OUT:
+        n = len(context["turns"])
+        assert all(d[:n] != context["turns"] for d in dialogues), context
+    with open(HERE / "dialogues.jsonl", "w", encoding="utf-8") as f:
+        for d in dialogues:
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    with open(HERE / "dialogues.tsv", "w", encoding="utf-8") as f:
+        for d in dialogues:
+            f.write(tsv_line(d) + "\n")
+    with open(HERE / "dialogues.txt", "w", encoding="utf-8") as f:
+        f.write("\n\n".join("\n".join(d) for d in dialogues) + "\n")
+    with open(HERE / "contexts.jsonl", "w", encoding="utf-8") as f:
+        for context in HELD_OUT:
+            f.write(json.dumps(context, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
