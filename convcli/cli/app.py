@@ -7,7 +7,9 @@ from typing import Annotated
 import typer
 
 from convcli import __version__
+from convcli.cli.chat import chat
 from convcli.cli.common import friendly_errors
+from convcli.cli.generate import generate
 
 app = typer.Typer(
     name="convcli",
@@ -19,7 +21,7 @@ app = typer.Typer(
 )
 
 # One line each in `convcli --help`: the first line of each command's docstring.
-COMMANDS: list = []
+COMMANDS: list = [generate, chat]
 for _command in COMMANDS:
     app.command(_command.__name__)(friendly_errors(_command))
 
