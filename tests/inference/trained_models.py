@@ -1,4 +1,8 @@
-"""Tiny models that have learnt DIALOGUES (a forward and a reverse one), trained in seconds."""
+"""Tiny models that have learnt DIALOGUES (a forward and a reverse one), trained in seconds.
+
+Test modules wrap `trained_model_dirs` in a session fixture; the folders are built once
+per test session and shared.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DIALOGUES, tiny_gpt2
+
+_CACHE: dict[str, tuple[Path, Path]] = {}
 
 
 def train_tiny(
@@ -27,11 +33,16 @@ def train_tiny(
     extra = {"token_type_ids": types} if token_types else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels, **extra).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: threads only fight over the shared cores
+    try:
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=labels, **extra).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
@@ -40,9 +51,12 @@ def reverse_pairs(dialogues: Sequence[Sequence[str]]) -> list[list[str]]:
     return [[d[i + 1], d[i]] for d in dialogues for i in range(len(d) - 1)]
 
 
-@pytest.fixture(scope="session")
-def trained_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path):
+def trained_model_dirs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path
+) -> tuple[Path, Path]:
     """(forward folder with token types, reverse folder without) trained on DIALOGUES."""
+    if "dirs" in _CACHE:
+        return _CACHE["dirs"]
     from convcli.modelfolder import ModelMeta, save_model_folder
     from convcli.tokenizer import ConversationTokenizer
 
@@ -61,4 +75,5 @@ def trained_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: P
         ModelMeta(token_types=False, sep_token_id=sep, reverse=True),
         root / "reverse",
     )
+    _CACHE["dirs"] = (fdir, rdir)
     return fdir, rdir
