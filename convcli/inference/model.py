@@ -306,6 +306,8 @@ class ConversationModel:
         hf_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         try:
             with torch.inference_mode():
+                if _shares_context(tensors, hf_kwargs):
+                    tensors, hf_kwargs = self._shared_prefill(tensors, hf_kwargs)
                 return self.model.generate(
                     **tensors,
                     max_new_tokens=max_new_tokens,
@@ -315,6 +317,29 @@ class ConversationModel:
         except (ValueError, TypeError) as exc:
             # transformers rejects bad option combinations with ValueError/TypeError.
             raise UsageError(f"generation options rejected: {_first_line(exc)}") from exc
+
+    def _shared_prefill(
+        self, tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Run the context once, then repeat its KV cache for each sampled sequence.
+
+        transformers' `num_return_sequences` copies the prompt k times before the first
+        forward, so k samples of one context cost k prefills; the tutorial ran it once.
+        Here the context (all but its last token) goes through the model once per
+        context, the cache is repeated k times, and `generate` continues from it with
+        the prompts repeated: the same sequences, one prefill.
+        """
+        k = int(hf_kwargs["num_return_sequences"])
+        mask = tensors["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        head = {key: value[:, :-1] for key, value in tensors.items()}
+        # logits_to_keep=1: the vocabulary projection of the context is not needed.
+        cache = self.model(
+            **head, position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1
+        ).past_key_values
+        cache.batch_repeat_interleave(k)
+        repeated = {key: value.repeat_interleave(k, dim=0) for key, value in tensors.items()}
+        return repeated, {**hf_kwargs, "num_return_sequences": 1, "past_key_values": cache}
 
     def response_ids(self, sequences: torch.Tensor, prompt_width: int) -> list[list[int]]:
         """The generated ids of each sequence, cut at the first sep (or eos/pad)."""
@@ -327,6 +352,17 @@ class ConversationModel:
             end = next((i for i, t in enumerate(row) if t in stops), len(row))
             out.append(row[:end])
         return out
+
+
+def _shares_context(tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any]) -> bool:
+    """Several samples per context (no beams, no cache given): one prefill can serve all."""
+    return (
+        int(hf_kwargs.get("num_return_sequences") or 1) > 1
+        and hf_kwargs.get("do_sample") is True
+        and int(hf_kwargs.get("num_beams") or 1) == 1
+        and "past_key_values" not in hf_kwargs
+        and tensors["input_ids"].shape[1] > 1
+    )
 
 
 def _as_batch(context: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:

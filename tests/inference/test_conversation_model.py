@@ -95,6 +95,20 @@ def test_batch_equals_single_on_a_random_model_over_many_tokens(tiny_model_dir):
     assert batch.token_ids == [model.generate(c, **kwargs).token_ids[0] for c in contexts]
 
 
+def test_several_samples_share_one_prefill_and_match_repeated_contexts(tiny_model_dir):
+    model = ConversationModel.from_pretrained(tiny_model_dir)
+    contexts = [["Hello"], ["Where do you live?", "I live in a small town.", "Is it nice?"]]
+    kwargs = {"do_sample": True, "max_new_tokens": 8, "min_new_tokens": 8, "return_token_ids": True}
+    seen = _inputs_seen(model)
+    shared = model.generate(contexts, num_return_sequences=3, seed=4, **kwargs)
+    widths = [s["input_ids"].shape for s in seen]
+    # One forward over the contexts (batch 2), then one token per step for 6 sequences.
+    assert widths[0][0] == 2 and all(w == (6, 1) for w in widths[1:])
+    repeated = model.generate([c for c in contexts for _ in range(3)], seed=4, **kwargs)
+    assert shared.token_ids == repeated.token_ids
+    assert len({tuple(ids) for ids in shared.token_ids}) > 1
+
+
 def test_generated_tokens_get_the_response_segment_type(forward):
     seen = _inputs_seen(forward)
     forward.generate(["Hello", "Hi, how are you?"], max_new_tokens=4, min_new_tokens=4)
