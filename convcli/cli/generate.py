@@ -165,7 +165,9 @@ def load_models(
     from convcli.inference.mmi import MMIReranker
     from convcli.inference.model import ConversationModel
 
-    hf_logging.set_verbosity_error()  # transformers' advice is noise on a CLI's stderr
+    # transformers' advice and weight-loading bars are noise on a CLI's stderr.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     forward = ConversationModel.from_pretrained(model, device=device)
     if forward.meta.reverse:
         info(f"warning: {model} is marked as a reverse model; its replies will read backwards")
@@ -304,6 +306,10 @@ def generate(
         num_return_sequences=None if reverse_model else num_return_sequences,
         option=option,
     )
+    counts = None
+    if input is not None:
+        # Read (and, by default, validate) every line before the model loads.
+        counts, items = _read_input(input, strict=on_error is OnError.strict)
     forward, reranker = load_models(
         model,
         reverse_model,
@@ -327,7 +333,7 @@ def generate(
         import torch
 
         torch.manual_seed(seed)
-    if input is None:
+    if counts is None:
         (record,) = answer([list(turns or [])])
         if json_output:
             typer.echo(json.dumps({"context": list(turns or []), **record}, ensure_ascii=False))
@@ -335,17 +341,12 @@ def generate(
             for text in record["responses"]:
                 typer.echo(" ".join(text.splitlines()))
         return
-    _batch_mode(input, output, answer, batch_size=batch_size, strict=on_error is OnError.strict)
+    _batch_mode(items, counts, output, answer, batch_size=batch_size)
 
 
-def _batch_mode(
-    input: Path, output: Path | None, answer: Any, *, batch_size: int, strict: bool
-) -> None:
-    from tqdm import tqdm
+def _read_input(input: Path, *, strict: bool) -> tuple[Any, list[Any]]:
+    from convcli.inference.batch import BatchCounts, read_items
 
-    from convcli.inference.batch import BatchCounts, read_items, run_batches
-
-    started = time.perf_counter()
     counts = BatchCounts()
     name = "<stdin>" if str(input) == "-" else str(input)
     try:
@@ -353,10 +354,20 @@ def _batch_mode(
     except OSError as exc:
         raise UsageError(f"--input: cannot read {input}: {exc.strerror or exc}") from None
     with source:
-        # Read (and, strictly, validate) everything before the model runs.
         items = list(read_items(source, path=name, strict=strict, counts=counts))
     for reason in counts.bad:
         info(f"skipped {reason}")
+    return counts, items
+
+
+def _batch_mode(
+    items: list[Any], counts: Any, output: Path | None, answer: Any, *, batch_size: int
+) -> None:
+    from tqdm import tqdm
+
+    from convcli.inference.batch import run_batches
+
+    started = time.perf_counter()
     out = sys.stdout if output is None else output.open("w", encoding="utf-8")
     try:
         with tqdm(total=len(items), unit="context", file=sys.stderr, desc="generate") as bar:
