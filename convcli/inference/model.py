@@ -361,6 +361,7 @@ def _shares_context(tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any])
         and hf_kwargs.get("do_sample") is True
         and int(hf_kwargs.get("num_beams") or 1) == 1
         and "past_key_values" not in hf_kwargs
+        and hf_kwargs.get("use_cache", True) is not False
         and tensors["input_ids"].shape[1] > 1
     )
 
