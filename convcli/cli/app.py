@@ -7,8 +7,10 @@ from typing import Annotated
 import typer
 
 from convcli import __version__
+from convcli.cli.chat import chat
 from convcli.cli.common import friendly_errors
 from convcli.cli.convert import convert
+from convcli.cli.generate import generate
 from convcli.cli.prepare import prepare
 
 app = typer.Typer(
@@ -21,7 +23,7 @@ app = typer.Typer(
 )
 
 # One line each in `convcli --help`: the first line of each command's docstring.
-COMMANDS: list = [prepare, convert]
+COMMANDS: list = [prepare, convert, generate, chat]
 for _command in COMMANDS:
     app.command(_command.__name__)(friendly_errors(_command))
 

@@ -1,0 +1,384 @@
+"""`convcli generate`: the next turn of a conversation, or of every context in a JSONL file."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from convcli.cli.common import info
+from convcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from convcli.inference.mmi import MMIReranker
+    from convcli.inference.model import ConversationModel
+
+GEN = "Generation"
+MMI = "MMI reranking"
+BATCH = "Batch mode"
+
+
+class MMISource(str, Enum):
+    last = "last"
+    history = "history"
+
+
+class OnError(str, Enum):
+    strict = "strict"
+    skip = "skip"
+
+
+# Shared option types (chat uses them too).
+MaxNewTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--max-new-tokens",
+        min=1,
+        help="Tokens to generate at most (default 64, capped to fit the model).",
+        rich_help_panel=GEN,
+    ),
+]
+MinNewTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--min-new-tokens", min=0, help="Tokens to generate at least.", rich_help_panel=GEN
+    ),
+]
+Temperature = Annotated[
+    float | None,
+    typer.Option("--temperature", min=0.0, help="Sampling temperature.", rich_help_panel=GEN),
+]
+TopK = Annotated[
+    int | None, typer.Option("--top-k", min=0, help="Top-k sampling.", rich_help_panel=GEN)
+]
+TopP = Annotated[
+    float | None,
+    typer.Option(
+        "--top-p", min=0.0, max=1.0, help="Nucleus (top-p) sampling.", rich_help_panel=GEN
+    ),
+]
+NumBeams = Annotated[
+    int | None, typer.Option("--num-beams", min=1, help="Beam search width.", rich_help_panel=GEN)
+]
+RepetitionPenalty = Annotated[
+    float | None,
+    typer.Option(
+        "--repetition-penalty",
+        min=0.0,
+        help="Penalty for repeated tokens (1.0 = none).",
+        rich_help_panel=GEN,
+    ),
+]
+NoRepeatNgram = Annotated[
+    int | None,
+    typer.Option(
+        "--no-repeat-ngram-size",
+        min=0,
+        help="Never repeat an n-gram of this size.",
+        rich_help_panel=GEN,
+    ),
+]
+ExtraOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--option",
+        "-o",
+        metavar="KEY=VALUE",
+        help="Any other transformers generate option (VALUE read as JSON), "
+        "e.g. -o length_penalty=0.8.",
+        rich_help_panel=GEN,
+    ),
+]
+Seed = Annotated[
+    int | None, typer.Option("--seed", help="Random seed: the same seed gives the same output.")
+]
+Device = Annotated[
+    str | None,
+    typer.Option("--device", help="cpu, cuda, cuda:1, mps... (default CUDA when present)."),
+]
+ReverseModel = Annotated[
+    Path | None,
+    typer.Option(
+        "--reverse-model",
+        help="A reverse model folder: rerank candidates by MMI.",
+        rich_help_panel=MMI,
+    ),
+]
+NumCandidates = Annotated[
+    int,
+    typer.Option(
+        "--num-candidates", min=1, help="Candidates sampled for MMI.", rich_help_panel=MMI
+    ),
+]
+MMITemperature = Annotated[
+    float,
+    typer.Option(
+        "--mmi-temperature", min=0.0, help="Pick from softmax(score / T).", rich_help_panel=MMI
+    ),
+]
+MMIArgmax = Annotated[
+    bool, typer.Option("--mmi-argmax", help="Pick the best-scored candidate.", rich_help_panel=MMI)
+]
+MMISourceOpt = Annotated[
+    MMISource,
+    typer.Option(
+        "--mmi-source",
+        help="Score against the last message or the whole history (newest first).",
+        rich_help_panel=MMI,
+    ),
+]
+
+
+def sampling_options(**values: Any) -> dict[str, Any]:
+    """The transformers generate kwargs the user set (None = unset), plus `--option`s."""
+    extra = values.pop("option", None) or []
+    options = {k: v for k, v in values.items() if v is not None}
+    for item in extra:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(raw)
+        except ValueError:
+            options[key.strip()] = raw
+    return options
+
+
+def load_models(
+    model: Path,
+    reverse_model: Path | None,
+    *,
+    device: str | None,
+    num_candidates: int,
+    mmi_temperature: float,
+    mmi_argmax: bool,
+    mmi_source: str,
+) -> tuple[ConversationModel, MMIReranker | None]:
+    """The forward model and, with a reverse model, the MMI reranker; warnings on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    from convcli.inference.mmi import MMIReranker
+    from convcli.inference.model import ConversationModel
+
+    # transformers' advice and weight-loading bars are noise on a CLI's stderr.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    forward = ConversationModel.from_pretrained(model, device=device)
+    if forward.meta.reverse:
+        info(f"warning: {model} is marked as a reverse model; its replies will read backwards")
+    if reverse_model is None:
+        return forward, None
+    reverse = ConversationModel.from_pretrained(reverse_model, device=device)
+    if not reverse.meta.reverse:
+        info(f"warning: {reverse_model} is not marked as a reverse model (convcli.json)")
+    reranker = MMIReranker(
+        forward,
+        reverse,
+        num_candidates=num_candidates,
+        temperature=mmi_temperature,
+        argmax=mmi_argmax,
+        source=mmi_source,
+    )
+    return forward, reranker
+
+
+def generate(
+    model: Annotated[
+        Path, typer.Argument(help="A model folder (from train or convert, or a GPT-2 folder).")
+    ],
+    turns: Annotated[
+        list[str] | None, typer.Argument(help="The conversation so far, oldest turn first.")
+    ] = None,
+    max_new_tokens: MaxNewTokens = None,
+    min_new_tokens: MinNewTokens = None,
+    do_sample: Annotated[
+        bool | None,
+        typer.Option(
+            "--do-sample/--greedy",
+            help="Sample, or decode greedily (default greedy; sampling with MMI).",
+            rich_help_panel=GEN,
+        ),
+    ] = None,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    num_beams: NumBeams = None,
+    repetition_penalty: RepetitionPenalty = None,
+    no_repeat_ngram_size: NoRepeatNgram = None,
+    num_return_sequences: Annotated[
+        int | None,
+        typer.Option(
+            "--num-return-sequences",
+            "-n",
+            min=1,
+            help="Responses per context (one per line).",
+            rich_help_panel=GEN,
+        ),
+    ] = None,
+    option: ExtraOption = None,
+    seed: Seed = None,
+    reverse_model: ReverseModel = None,
+    num_candidates: NumCandidates = 8,
+    mmi_temperature: MMITemperature = 0.5,
+    mmi_argmax: MMIArgmax = False,
+    mmi_source: MMISourceOpt = MMISource.last,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json", help='Print one JSON object: {"context", "responses", "candidates"}.'
+        ),
+    ] = False,
+    input: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="JSONL of contexts (arrays of turns, or objects with 'turns'); - for stdin.",
+            rich_help_panel=BATCH,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="Where to write the JSONL answers (default stdout).",
+            rich_help_panel=BATCH,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", min=1, help="Contexts per generate call.", rich_help_panel=BATCH
+        ),
+    ] = 8,
+    on_error: Annotated[
+        OnError,
+        typer.Option(
+            "--on-error",
+            help="strict: stop at the first bad line; skip: count and skip it.",
+            rich_help_panel=BATCH,
+        ),
+    ] = OnError.strict,
+    device: Device = None,
+) -> None:
+    """Generate the next turn of a conversation (with optional MMI reranking).
+
+    Prints the response on stdout and nothing else, so it pipes.
+    Every transformers generate option works: common ones as flags, others as -o KEY=VALUE.
+
+    Examples:
+
+      convcli generate my-model "Hello" "Hi, how are you?"
+
+      convcli generate my-model "Do you like tea?" --do-sample --top-p 0.9 --seed 1 -n 3
+
+      convcli generate my-model "Hello" --reverse-model my-reverse --num-candidates 8 --json
+
+      convcli generate my-model --input contexts.jsonl --output answers.jsonl --batch-size 16
+    """
+    if input is not None and turns:
+        raise UsageError("give turns on the command line or --input FILE, not both")
+    if input is None and not turns:
+        raise UsageError(
+            'give the conversation as arguments ("turn 1" "turn 2" ...) or --input FILE'
+        )
+    if output is not None and input is None:
+        raise UsageError("--output goes with --input (single answers print on stdout)")
+    if reverse_model is not None and num_return_sequences not in (None, 1):
+        raise UsageError(
+            "with --reverse-model the reply is one chosen candidate: use --num-candidates"
+        )
+    options = sampling_options(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        num_return_sequences=None if reverse_model else num_return_sequences,
+        option=option,
+    )
+    counts = None
+    if input is not None:
+        # Read (and, by default, validate) every line before the model loads.
+        counts, items = _read_input(input, strict=on_error is OnError.strict)
+    forward, reranker = load_models(
+        model,
+        reverse_model,
+        device=device,
+        num_candidates=num_candidates,
+        mmi_temperature=mmi_temperature,
+        mmi_argmax=mmi_argmax,
+        mmi_source=mmi_source.value,
+    )
+
+    def answer(contexts: list[list[str]]) -> list[dict[str, Any]]:
+        if reranker is not None:
+            return [
+                {"responses": [r.response], "candidates": [c.to_dict() for c in r.candidates]}
+                for r in reranker.respond_batch(contexts, **options)
+            ]
+        result = forward.generate(contexts, **options)
+        return [{"responses": group} for group in result.per_context()]
+
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    if counts is None:
+        (record,) = answer([list(turns or [])])
+        if json_output:
+            typer.echo(json.dumps({"context": list(turns or []), **record}, ensure_ascii=False))
+        else:
+            for text in record["responses"]:
+                typer.echo(" ".join(text.splitlines()))
+        return
+    _batch_mode(items, counts, output, answer, batch_size=batch_size)
+
+
+def _read_input(input: Path, *, strict: bool) -> tuple[Any, list[Any]]:
+    from convcli.inference.batch import BatchCounts, read_items
+
+    counts = BatchCounts()
+    name = "<stdin>" if str(input) == "-" else str(input)
+    try:
+        source = sys.stdin if str(input) == "-" else input.open(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--input: cannot read {input}: {exc.strerror or exc}") from None
+    with source:
+        items = list(read_items(source, path=name, strict=strict, counts=counts))
+    for reason in counts.bad:
+        info(f"skipped {reason}")
+    return counts, items
+
+
+def _batch_mode(
+    items: list[Any], counts: Any, output: Path | None, answer: Any, *, batch_size: int
+) -> None:
+    from tqdm import tqdm
+
+    from convcli.inference.batch import run_batches
+
+    started = time.perf_counter()
+    out = sys.stdout if output is None else output.open("w", encoding="utf-8")
+    try:
+        with tqdm(total=len(items), unit="context", file=sys.stderr, desc="generate") as bar:
+            run_batches(
+                items, answer, out, batch_size=batch_size, counts=counts, progress=bar.update
+            )
+    finally:
+        if output is not None:
+            out.close()
+    where = f" -> {output}" if output is not None else ""
+    info(
+        f"generate: read {counts.read} context(s), wrote {counts.written}, skipped "
+        f"{counts.skipped} bad line(s){where} in {time.perf_counter() - started:.1f} s"
+    )

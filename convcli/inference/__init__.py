@@ -1,0 +1,1 @@
+"""Inference: `ConversationModel`, MMI reranking, chat sessions."""

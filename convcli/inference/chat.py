@@ -1,0 +1,251 @@
+"""A chat session: history as turns, slash commands, a JSONL transcript. No terminal I/O.
+
+`ChatSession.handle(line)` takes one line the user typed and returns a `ChatReply`
+(the bot's reply for stdout, notes for stderr, whether to quit); `convcli chat` only
+reads lines and prints replies. The model side is a `Responder`: a function from the
+context turns to a `Response`, built by `make_responder` from a `ConversationModel`
+(plain sampling) or an `MMIReranker`.
+
+Transcript format (one JSON object per line, flushed as it happens):
+
+    {"event": "start", "time": ..., "context": [opening turns], ...settings}
+    {"event": "turn", "time": ..., "user": "...", "bot": "...", "candidates": [...]}
+    {"event": "reset", "time": ...}
+    {"event": "resume", "time": ...}
+
+Resuming replays the turns after the last `start` (and after the last `reset`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from convcli.errors import InputError
+
+HELP = """commands:
+  /reset       start a new conversation (the --context turns are kept)
+  /candidates  show the last turn's candidates and their MMI scores
+  /help        show this help
+  /quit, /exit end the chat (so do Ctrl-D and Ctrl-C)
+  //text       send a message that starts with "/" """
+
+
+@dataclass
+class Response:
+    """What the model said to one context."""
+
+    text: str
+    candidates: list[Any] = field(default_factory=list)
+    """`mmi.Candidate`s (empty without a reverse model)."""
+    chosen: int = 0
+    new_tokens: int = 0
+    """Tokens generated, all candidates together."""
+    seconds: float = 0.0
+
+
+Responder = Callable[[list[str], int], Response]
+"""(context turns, number of leading turns to always keep) -> Response."""
+
+
+@dataclass
+class ChatReply:
+    """The outcome of one input line."""
+
+    text: str | None = None
+    """The bot's reply (stdout), or None when the line was a command or empty."""
+    notes: list[str] = field(default_factory=list)
+    """Messages for the user (stderr)."""
+    quit: bool = False
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Transcript:
+    """An append-only JSONL transcript, flushed after every event."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = self.path.open("a", encoding="utf-8")
+
+    def write(self, event: str, **fields: Any) -> None:
+        record = {"event": event, "time": now(), **fields}
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class TranscriptState:
+    """What a transcript says about the conversation to resume."""
+
+    opening: list[str]
+    history: list[str]
+    start: dict[str, Any]
+
+
+def load_transcript(path: str | Path) -> TranscriptState:
+    """The opening turns and history of the last conversation in a transcript.
+
+    A truncated last line (the process died mid-write) is ignored; any other bad line
+    is an error naming the line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read transcript: {exc.strerror or exc}", path=str(path)) from exc
+    state = TranscriptState(opening=[], history=[], start={})
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if number == len(lines):
+                break  # a half-written last line
+            raise InputError(f"not a transcript line: {exc}", path=str(path), line=number) from None
+        event = record.get("event")
+        if event == "start":
+            state = TranscriptState(list(record.get("context") or []), [], record)
+        elif event == "reset":
+            state.history = []
+        elif event == "turn":
+            user, bot = record.get("user"), record.get("bot")
+            if not isinstance(user, str) or not isinstance(bot, str):
+                raise InputError(
+                    "a turn needs 'user' and 'bot' strings", path=str(path), line=number
+                )
+            state.history += [user, bot]
+    return state
+
+
+def one_line(text: str) -> str:
+    """A reply on one output line: newlines become spaces."""
+    return " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
+
+
+def format_candidates(response: Response | None) -> list[str]:
+    if response is None or not response.candidates:
+        return ["(no candidates: they exist only with --reverse-model, after a turn)"]
+    lines = ["candidates (MMI score, * = chosen):"]
+    for i, cand in enumerate(response.candidates):
+        mark = "*" if i == response.chosen else " "
+        lines.append(f" {mark} {cand.score:8.3f}  {one_line(cand.text) or '(empty)'}")
+    return lines
+
+
+class ChatSession:
+    """The state of one chat: opening turns (always kept), history, last response."""
+
+    def __init__(
+        self,
+        respond: Responder,
+        *,
+        opening: Sequence[str] = (),
+        history: Sequence[str] = (),
+        transcript: Transcript | None = None,
+        show_candidates: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        self.respond = respond
+        self.opening = list(opening)
+        self.history = list(history)
+        self.transcript = transcript
+        self.show_candidates = show_candidates
+        self.verbose = verbose
+        self.last: Response | None = None
+        self.turns = 0
+
+    def handle(self, line: str) -> ChatReply:
+        """React to one line typed by the user."""
+        message = line.strip()
+        if not message:
+            return ChatReply()
+        if message.startswith("//"):
+            message = message[1:]
+        elif message.startswith("/"):
+            return self.command(message)
+        return self.say(message)
+
+    def command(self, message: str) -> ChatReply:
+        name = message.split()[0].lower()
+        if name in ("/quit", "/exit"):
+            return ChatReply(quit=True)
+        if name == "/reset":
+            self.history = []
+            self.last = None
+            if self.transcript:
+                self.transcript.write("reset")
+            return ChatReply(notes=["(new conversation)"])
+        if name == "/candidates":
+            return ChatReply(notes=format_candidates(self.last))
+        if name == "/help":
+            return ChatReply(notes=[HELP])
+        return ChatReply(notes=[f"unknown command {name} (try /help)"])
+
+    def say(self, message: str) -> ChatReply:
+        context = [*self.opening, *self.history, message]
+        response = self.respond(context, len(self.opening))
+        self.history += [message, response.text]
+        self.last = response
+        self.turns += 1
+        if self.transcript:
+            extra = {}
+            if response.candidates:
+                extra["candidates"] = [c.to_dict() for c in response.candidates]
+            self.transcript.write("turn", user=message, bot=response.text, **extra)
+        notes = format_candidates(response) if self.show_candidates and response.candidates else []
+        if self.verbose:
+            rate = response.new_tokens / response.seconds if response.seconds > 0 else 0.0
+            notes.append(
+                f"turn {self.turns}: {response.new_tokens} tokens in {response.seconds:.2f} s "
+                f"({rate:.1f} tokens/s)"
+            )
+        return ChatReply(text=response.text, notes=notes)
+
+
+def make_responder(
+    model: Any,
+    reranker: Any = None,
+    *,
+    max_history_tokens: int | None = None,
+    **hf_kwargs: Any,
+) -> Responder:
+    """A `Responder` from a `ConversationModel`, reranked by an `MMIReranker` if given.
+
+    `hf_kwargs` are the generation options (sampling, max_new_tokens, ...).
+    """
+
+    def respond(context: list[str], keep_first: int) -> Response:
+        started = time.perf_counter()
+        options = {"max_context_tokens": max_history_tokens, "keep_first_turns": keep_first}
+        if reranker is not None:
+            result = reranker.respond(context, **options, **hf_kwargs)
+            return Response(
+                text=result.response,
+                candidates=result.candidates,
+                chosen=result.chosen,
+                new_tokens=result.new_tokens,
+                seconds=time.perf_counter() - started,
+            )
+        out = model.generate(context, return_token_ids=True, **options, **hf_kwargs)
+        return Response(
+            text=out.text,
+            new_tokens=len(out.token_ids[0]),
+            seconds=time.perf_counter() - started,
+        )
+
+    return respond

@@ -1,0 +1,385 @@
+"""`ConversationModel`: a model folder plus its tokenizer, answering conversations.
+
+The seed 000 API: `ConversationModel.from_pretrained(path)` then
+`model.generate(["Hello"], do_sample=True, top_p=0.95)`. Any Hugging Face `generate`
+option passes through. What this adds around `transformers`:
+
+- the context is laid out as the model was trained (`[sep] t0 [sep] t1 ... [sep]`),
+  with token types only when the folder says the model was trained with them;
+- oldest whole turns are dropped so that context + generation fit `n_positions`;
+- generation ends at the sep token and the text never contains sep/eos/pad;
+- a batch of contexts is left-padded into one `generate` call. transformers 5 derives
+  position ids from the attention mask (`cumsum - 1`), so a padded context gets the
+  same positions as alone, and it extends `token_type_ids` with their last value:
+  the context's final lone sep already carries the response segment's type, so the
+  generated tokens get the right type (both are checked in the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convcli.errors import ConvcliError, UsageError
+from convcli.modelfolder import LoadedModel, ModelMeta, load_model_folder
+from convcli.tokenizer import ConversationTokenizer, layout
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+@dataclass
+class GenerationResult:
+    """What `ConversationModel.generate` returns.
+
+    `responses` holds every response, context-major: with `num_return_sequences=k`,
+    context i owns `responses[i*k:(i+1)*k]` (see `per_context`). For one context and
+    one sequence, `result.text` (and `str(result)`) is the reply.
+    """
+
+    contexts: list[list[str]]
+    """The contexts as given (before truncation)."""
+    responses: list[str]
+    """Decoded responses, with no sep/eos/pad text, whitespace trimmed."""
+    num_return_sequences: int = 1
+    """Responses per context."""
+    token_ids: list[list[int]] | None = None
+    """The response token ids (sep and padding removed), when `return_token_ids=True`."""
+    context_lengths: list[int] = field(default_factory=list)
+    """Tokens of each context actually fed to the model (after truncation)."""
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    """The generation cap that applied (after fitting into the model's positions)."""
+
+    @property
+    def text(self) -> str:
+        """The first response."""
+        return self.responses[0]
+
+    @property
+    def context(self) -> list[str]:
+        """The first (for a single call, the only) context."""
+        return self.contexts[0]
+
+    def per_context(self) -> list[list[str]]:
+        """The responses grouped by context."""
+        k = self.num_return_sequences
+        return [self.responses[i * k : (i + 1) * k] for i in range(len(self.contexts))]
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def fit_turns(
+    turn_ids: Sequence[Sequence[int]], budget: int, keep_first: int = 0
+) -> list[list[int]]:
+    """Drop whole oldest turns (after the first `keep_first`) until the layout fits.
+
+    The first `keep_first` turns (a persona, opening turns) and the newest turn are
+    always kept; when the newest alone does not fit, its end is kept.
+    """
+    pinned = [list(t) for t in turn_ids[:keep_first]]
+    rest = turn_ids[keep_first:]
+    total = 1 + sum(len(t) + 1 for t in pinned)  # the final sep, then each turn + its sep
+    if not rest:
+        if total > budget:
+            raise ConvcliError(f"the kept opening turns take {total} tokens, over the {budget}")
+        return pinned
+    if total + 2 > budget:
+        raise ConvcliError(
+            f"the kept opening turns take {total} tokens, leaving no room in the {budget}-token "
+            "context budget"
+        )
+    kept: list[list[int]] = []
+    for tokens in reversed(rest):
+        cost = len(tokens) + 1
+        if total + cost > budget:
+            if not kept:
+                room = budget - total - 1
+                kept.append(list(tokens[len(tokens) - room :]))
+            break
+        kept.append(list(tokens))
+        total += cost
+    kept.reverse()
+    return pinned + kept
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class ConversationModel:
+    """A conversation model (forward or reverse) ready to generate.
+
+    Build with `from_pretrained`; `.model` is the Hugging Face model, `.tokenizer` the
+    `ConversationTokenizer`, `.meta` the folder's `ModelMeta`.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: ConversationTokenizer,
+        meta: ModelMeta,
+        path: str = "",
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.path = path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> ConversationModel:
+        """Load a model folder written by `train` or `convert`, or a plain GPT-2 folder.
+
+        `device=None` picks CUDA when present, else CPU.
+        """
+        loaded: LoadedModel = load_model_folder(path, device=device, dtype=dtype)
+        return cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path)
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def n_positions(self) -> int:
+        config = self.model.config
+        for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 1024
+
+    @property
+    def sep_token_id(self) -> int:
+        return self.meta.sep_token_id
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def plan_lengths(self, max_new_tokens: int | None) -> tuple[int, int]:
+        """(max_new_tokens, context budget) so that context + generation fit positions.
+
+        A request for more tokens than fit is cut so the context keeps at least a
+        quarter of the positions.
+        """
+        n = self.n_positions
+        max_new = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else int(max_new_tokens)
+        if max_new < 1:
+            raise UsageError(f"max_new_tokens must be at least 1, got {max_new}")
+        floor = max(3, n // 4)
+        max_new = min(max_new, n - floor)
+        return max_new, n - max_new
+
+    def encode_contexts(
+        self,
+        contexts: Sequence[Sequence[str]],
+        budget: int,
+        keep_first: int = 0,
+    ) -> list[list[list[int]]]:
+        """Token ids of each context's turns, fitted into `budget` layout tokens."""
+        flat = [turn for turns in contexts for turn in turns]
+        encoded = iter(self.tokenizer.encode_turns(flat))
+        out = []
+        for turns in contexts:
+            out.append(fit_turns([next(encoded) for _ in turns], budget, keep_first))
+        return out
+
+    def batch_tensors(self, turn_ids: Sequence[Sequence[Sequence[int]]]) -> dict[str, torch.Tensor]:
+        """Left-padded `input_ids`, `attention_mask` (and `token_type_ids` if the model uses
+        them) for contexts given as turn ids."""
+        import torch
+
+        laid = [layout(turns, self.sep_token_id) for turns in turn_ids]
+        width = max(len(ids) for ids, _, _ in laid)
+        pad = self.tokenizer.pad_token_id
+        ids_rows, mask_rows, type_rows = [], [], []
+        for ids, types, _ in laid:
+            gap = width - len(ids)
+            ids_rows.append([pad] * gap + ids)
+            mask_rows.append([0] * gap + [1] * len(ids))
+            type_rows.append([0] * gap + types)
+        device = self.device
+        tensors = {
+            "input_ids": torch.tensor(ids_rows, dtype=torch.long, device=device),
+            "attention_mask": torch.tensor(mask_rows, dtype=torch.long, device=device),
+        }
+        if self.meta.token_types:
+            tensors["token_type_ids"] = torch.tensor(type_rows, dtype=torch.long, device=device)
+        return tensors
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        context: Sequence[str] | Sequence[Sequence[str]],
+        *,
+        seed: int | None = None,
+        return_token_ids: bool = False,
+        max_context_tokens: int | None = None,
+        keep_first_turns: int = 0,
+        **hf_kwargs: Any,
+    ) -> GenerationResult:
+        """Generate the next turn of a context (a list of turns) or of a batch of contexts.
+
+        Every Hugging Face `generate` option passes through (do_sample, top_p, top_k,
+        temperature, num_beams, repetition_penalty, no_repeat_ngram_size,
+        num_return_sequences, min_new_tokens, max_new_tokens, ...). `max_new_tokens`
+        defaults to 64 and is capped to fit the model's positions; `max_length` counts
+        the context as in transformers. `seed` makes sampling reproducible.
+        `max_context_tokens` tightens the context budget; `keep_first_turns` pins the
+        first turns (a persona) when oldest turns are dropped.
+        """
+        batch = _as_batch(context)
+        _, tensors, max_new = self.prepare(
+            batch,
+            max_new_tokens=hf_kwargs.pop("max_new_tokens", None),
+            max_length=hf_kwargs.pop("max_length", None),
+            max_context_tokens=max_context_tokens,
+            keep_first_turns=keep_first_turns,
+        )
+        k = int(hf_kwargs.get("num_return_sequences") or 1)
+        sequences = self.generate_ids(tensors, max_new, seed=seed, **hf_kwargs)
+        responses_ids = self.response_ids(sequences, tensors["input_ids"].shape[1])
+        return GenerationResult(
+            contexts=[list(c) for c in batch],
+            responses=[self.tokenizer.decode(ids) for ids in responses_ids],
+            num_return_sequences=k,
+            token_ids=responses_ids if return_token_ids else None,
+            context_lengths=[int(n) for n in tensors["attention_mask"].sum(1).tolist()],
+            max_new_tokens=max_new,
+        )
+
+    def prepare(
+        self,
+        batch: Sequence[Sequence[str]],
+        *,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        max_context_tokens: int | None = None,
+        keep_first_turns: int = 0,
+    ) -> tuple[list[list[list[int]]], dict[str, torch.Tensor], int]:
+        """Encode, fit and pad a batch: (turn ids, model inputs, max_new_tokens)."""
+        if max_length is not None and max_new_tokens is None:
+            # transformers' max_length counts the prompt: resolve it against the longest one.
+            full = self.encode_contexts(batch, self.n_positions, keep_first_turns)
+            longest = max(sum(len(t) + 1 for t in turns) + 1 for turns in full)
+            max_new_tokens = max(1, int(max_length) - longest)
+        max_new, budget = self.plan_lengths(max_new_tokens)
+        if max_context_tokens is not None:
+            budget = min(budget, int(max_context_tokens))
+        turn_ids = self.encode_contexts(batch, budget, keep_first_turns)
+        return turn_ids, self.batch_tensors(turn_ids), max_new
+
+    def generate_ids(
+        self,
+        tensors: dict[str, torch.Tensor],
+        max_new_tokens: int,
+        *,
+        seed: int | None = None,
+        **hf_kwargs: Any,
+    ) -> torch.Tensor:
+        """Run Hugging Face `generate` on prepared inputs; returns the full sequences."""
+        import torch
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        min_new = hf_kwargs.get("min_new_tokens")
+        if min_new is not None:
+            hf_kwargs["min_new_tokens"] = min(int(min_new), max_new_tokens)
+        eos = hf_kwargs.pop("eos_token_id", None)
+        stops = [self.sep_token_id]
+        if eos is not None:
+            stops += [
+                e for e in (eos if isinstance(eos, list | tuple) else [eos]) if e not in stops
+            ]
+        hf_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        try:
+            with torch.inference_mode():
+                if _shares_context(tensors, hf_kwargs):
+                    tensors, hf_kwargs = self._shared_prefill(tensors, hf_kwargs)
+                return self.model.generate(
+                    **tensors,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stops if len(stops) > 1 else stops[0],
+                    **hf_kwargs,
+                )
+        except (ValueError, TypeError) as exc:
+            # transformers rejects bad option combinations with ValueError/TypeError.
+            raise UsageError(f"generation options rejected: {_first_line(exc)}") from exc
+
+    def _shared_prefill(
+        self, tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Run the context once, then repeat its KV cache for each sampled sequence.
+
+        transformers' `num_return_sequences` copies the prompt k times before the first
+        forward, so k samples of one context cost k prefills; the tutorial ran it once.
+        Here the context (all but its last token) goes through the model once per
+        context, the cache is repeated k times, and `generate` continues from it with
+        the prompts repeated: the same sequences, one prefill.
+        """
+        k = int(hf_kwargs["num_return_sequences"])
+        mask = tensors["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        head = {key: value[:, :-1] for key, value in tensors.items()}
+        # logits_to_keep=1: the vocabulary projection of the context is not needed.
+        cache = self.model(
+            **head, position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1
+        ).past_key_values
+        cache.batch_repeat_interleave(k)
+        repeated = {key: value.repeat_interleave(k, dim=0) for key, value in tensors.items()}
+        return repeated, {**hf_kwargs, "num_return_sequences": 1, "past_key_values": cache}
+
+    def response_ids(self, sequences: torch.Tensor, prompt_width: int) -> list[list[int]]:
+        """The generated ids of each sequence, cut at the first sep (or eos/pad)."""
+        stops = {self.sep_token_id, self.tokenizer.pad_token_id}
+        eos = self.tokenizer.tokenizer.eos_token_id
+        if eos is not None:
+            stops.add(eos)
+        out = []
+        for row in sequences[:, prompt_width:].tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), len(row))
+            out.append(row[:end])
+        return out
+
+
+def _shares_context(tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any]) -> bool:
+    """Several samples per context (no beams, no cache given): one prefill can serve all."""
+    return (
+        int(hf_kwargs.get("num_return_sequences") or 1) > 1
+        and hf_kwargs.get("do_sample") is True
+        and int(hf_kwargs.get("num_beams") or 1) == 1
+        and "past_key_values" not in hf_kwargs
+        and hf_kwargs.get("use_cache", True) is not False
+        and tensors["input_ids"].shape[1] > 1
+    )
+
+
+def _as_batch(context: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
+    """A batch of contexts from one context or a batch (a context is a list of turns)."""
+    if isinstance(context, str):
+        raise UsageError("a context is a list of turns, not a string: wrap it as [text]")
+    items = list(context)
+    if not items:
+        raise UsageError("a context needs at least one turn")
+    if all(isinstance(t, str) for t in items):
+        return [items]  # type: ignore[list-item]
+    batch = []
+    for turns in items:
+        if isinstance(turns, str) or not all(isinstance(t, str) for t in turns):
+            raise UsageError("a batch is a list of contexts, each a list of turn strings")
+        if not turns:
+            raise UsageError("a context needs at least one turn")
+        batch.append(list(turns))
+    return batch

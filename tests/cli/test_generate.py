@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from convcli.cli.app import app
+from convcli.inference.model import ConversationModel
+from tests.conftest import DIALOGUES
+from tests.inference.trained_models import trained_model_dirs
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
+    return trained_model_dirs(tmp_path_factory, tiny_tokenizer_dir)
+
+
+def generate(*args: str):
+    return runner.invoke(app, ["generate", *map(str, args)])
+
+
+def test_prints_exactly_the_reply_on_stdout(trained):
+    forward, _ = trained
+    result = generate(forward, "Hello", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    expected = ConversationModel.from_pretrained(forward, device="cpu").generate(["Hello"]).text
+    assert result.stdout == expected + "\n"
+    assert expected == DIALOGUES[0][1]
+
+
+def test_sampling_options_seed_and_several_sequences(trained):
+    forward, _ = trained
+    args = [forward, "Do you like tea?", "--do-sample", "--temperature", "3", "--top-k", "0"]
+    first = generate(*args, "-n", "3", "--seed", "5", "--max-new-tokens", "6")
+    again = generate(*args, "-n", "3", "--seed", "5", "--max-new-tokens", "6")
+    assert first.exit_code == 0, first.stderr
+    assert len(first.stdout.splitlines()) == 3
+    assert first.stdout == again.stdout
+    extra = generate(forward, "Hello", "-o", "num_beams=2", "-o", "bad_words_ids=[[5]]")
+    assert extra.exit_code == 0, extra.stderr
+
+
+def test_json_with_mmi(trained):
+    forward, reverse = trained
+    result = generate(
+        forward,
+        "Hello",
+        "--reverse-model",
+        reverse,
+        "--num-candidates",
+        "4",
+        "--json",
+        "--seed",
+        "1",
+    )
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert set(payload) == {"context", "responses", "candidates"}
+    assert payload["context"] == ["Hello"]
+    assert len(payload["responses"]) == 1 and len(payload["candidates"]) == 4
+    assert all(
+        set(c) == {"text", "score"} and isinstance(c["score"], float) for c in payload["candidates"]
+    )
+    assert payload["responses"][0] in [c["text"] for c in payload["candidates"]]
+    assert "not marked as a reverse model" not in result.stderr
+
+
+def test_json_without_mmi_has_no_candidates(trained):
+    result = generate(trained[0], "Hello", "How are you?", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert set(json.loads(result.stdout)) == {"context", "responses"}
+
+
+def test_a_reverse_model_not_marked_reverse_is_a_warning(trained):
+    forward, _ = trained
+    result = generate(forward, "Hello", "--reverse-model", forward, "--num-candidates", "2")
+    assert result.exit_code == 0, result.stderr
+    assert "not marked as a reverse model" in result.stderr
+    assert len(result.stdout.splitlines()) == 1
+
+
+def test_usage_errors(trained, tmp_path):
+    assert generate(trained[0]).exit_code == 2
+    both = generate(trained[0], "Hello", "--input", tmp_path / "x.jsonl")
+    assert both.exit_code == 2 and "not both" in both.stderr
+    missing = generate(tmp_path / "nope", "Hello")
+    assert missing.exit_code == 1 and "not found" in missing.stderr
+    greedy_many = generate(trained[0], "Hello", "-n", "2", "--greedy")
+    assert greedy_many.exit_code == 2 and "generation options rejected" in greedy_many.stderr
+
+
+def write_contexts(path: Path) -> Path:
+    lines = [
+        '["Hello"]',
+        '{"id": "tea", "turns": ["Do you like tea?"]}',
+        "{not json",
+        "",
+        '["Where do you live?", "I live in a small town."]',
+        '{"id": "empty", "turns": []}',
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_batch_mode_strict_stops_with_the_line_number(trained, tmp_path):
+    contexts = write_contexts(tmp_path / "contexts.jsonl")
+    out = tmp_path / "out.jsonl"
+    result = generate(trained[0], "--input", contexts, "--output", out)
+    assert result.exit_code == 1
+    assert "contexts.jsonl:3: invalid JSON" in result.stderr
+    assert not out.exists()
+
+
+def test_batch_mode_skip_accounts_for_every_line(trained, tmp_path):
+    contexts = write_contexts(tmp_path / "contexts.jsonl")
+    out = tmp_path / "out.jsonl"
+    result = generate(
+        trained[0], "--input", contexts, "--output", out, "--on-error", "skip", "--batch-size", "2"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 5]
+    assert records[1]["id"] == "tea" and records[1]["context"] == ["Do you like tea?"]
+    assert records[0]["responses"] == [DIALOGUES[0][1]]
+    assert "read 5 context(s), wrote 3, skipped 2 bad line(s)" in result.stderr
+    assert "contexts.jsonl:6:" in result.stderr
+
+
+def test_batch_mode_with_mmi_writes_candidates_to_stdout(trained, tmp_path):
+    forward, reverse = trained
+    contexts = tmp_path / "c.jsonl"
+    contexts.write_text('["Hello"]\n["こんにちは"]\n', encoding="utf-8")
+    result = generate(forward, "-i", contexts, "--reverse-model", reverse, "--num-candidates", "3")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [len(r["candidates"]) for r in records] == [3, 3]
+    assert records[1]["context"] == ["こんにちは"]

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from convcli.errors import InputError
+from convcli.inference.batch import BatchCounts, parse_line, read_items, run_batches
+
+LINES = [
+    '["Hello"]',
+    "",
+    '{"id": "b", "turns": ["Do you like tea?", "Yes."]}',
+    "not json",
+    '{"id": "c"}',
+    "[]",
+    '["a", 3]',
+    '["last"]',
+]
+
+
+def test_parse_line_accepts_arrays_and_objects():
+    assert parse_line('["a", "b"]', path="f", line=1).turns == ["a", "b"]
+    item = parse_line('{"turns": ["a"], "id": 7}', path="f", line=2)
+    assert (item.turns, item.extra, item.line) == (["a"], {"id": 7}, 2)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("{", "invalid JSON"),
+        ('{"id": 1}', "'turns'"),
+        ("[]", "at least one turn"),
+        ('["a", 3]', "array of turn strings"),
+        ('"just text"', "array of turn strings"),
+    ],
+)
+def test_bad_lines_name_their_line(text, reason):
+    with pytest.raises(InputError, match=rf"^in\.jsonl:5: .*{reason}"):
+        parse_line(text, path="in.jsonl", line=5)
+
+
+def test_strict_mode_stops_at_the_first_bad_line():
+    counts = BatchCounts()
+    with pytest.raises(InputError, match=r"^c\.jsonl:4: invalid JSON"):
+        list(read_items(LINES, path="c.jsonl", strict=True, counts=counts))
+
+
+def test_skip_mode_counts_and_the_output_accounts_for_every_line():
+    counts = BatchCounts()
+    items = list(read_items(LINES, path="c.jsonl", strict=False, counts=counts))
+    assert [i.line for i in items] == [1, 3, 8]
+    assert (counts.read, counts.skipped) == (7, 4)  # the blank line is not a context
+    assert [b.split(":")[1] for b in counts.bad] == ["4", "5", "6", "7"]
+
+    batches: list[int] = []
+
+    def answer(contexts):
+        batches.append(len(contexts))
+        return [{"responses": [f"re: {c[-1]}"]} for c in contexts]
+
+    out = io.StringIO()
+    run_batches(items, answer, out, batch_size=2, counts=counts)
+    written = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert batches == [2, 1]
+    assert counts.written == 3 and counts.read == counts.written + counts.skipped
+    assert written[1] == {
+        "id": "b",
+        "line": 3,
+        "context": ["Do you like tea?", "Yes."],
+        "responses": ["re: Yes."],
+    }

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from convcli.errors import ConvcliError
+from convcli.inference.mmi import MMIReranker, choose
+from convcli.inference.model import ConversationModel
+from convcli.modelfolder import ModelMeta, save_model_folder
+from convcli.tokenizer import ConversationTokenizer
+from tests.conftest import tiny_gpt2
+from tests.inference.trained_models import trained_model_dirs
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
+    return trained_model_dirs(tmp_path_factory, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def pair(trained) -> tuple[ConversationModel, ConversationModel]:
+    return tuple(ConversationModel.from_pretrained(p, device="cpu") for p in trained)
+
+
+@pytest.fixture(scope="session")
+def typed_reverse(tmp_path_factory, tiny_tokenizer_dir) -> ConversationModel:
+    """A random reverse model that uses token types."""
+    tokenizer = ConversationTokenizer.from_pretrained(tiny_tokenizer_dir)
+    meta = ModelMeta(token_types=True, sep_token_id=tokenizer.sep_token_id, reverse=True)
+    folder = tmp_path_factory.mktemp("rev") / "typed"
+    save_model_folder(tiny_gpt2(len(tokenizer), seed=7), tokenizer, meta, folder)
+    return ConversationModel.from_pretrained(folder, device="cpu")
+
+
+def independent_score(reverse: ConversationModel, candidate: str, source: list[str]) -> float:
+    """The seed's `_score_response`, one candidate at a time: -loss of the source
+    (turns newest first, each followed by sep) given `[sep] candidate [sep]`."""
+    tok = reverse.tokenizer
+    sep = tok.sep_token_id
+    prefix = [sep, *tok.encode(candidate), sep]
+    target: list[int] = []
+    for turn in source:
+        target += [*tok.encode(turn), sep]
+    ids = torch.tensor([prefix + target])
+    labels = torch.tensor([[-100] * len(prefix) + target])
+    extra = {}
+    if reverse.meta.token_types:
+        # Segment 0 is [sep] candidate; segment i is [sep] source turn i; then the final sep.
+        types = [0] * (len(tok.encode(candidate)) + 1)
+        for i, turn in enumerate(source, 1):
+            types += [i % 2] * (len(tok.encode(turn)) + 1)
+        types.append((len(source) + 1) % 2)
+        extra["token_type_ids"] = torch.tensor([types])
+    with torch.no_grad():
+        return -reverse.model(ids, labels=labels, **extra).loss.item()
+
+
+@pytest.mark.parametrize("source", ["last", "history"])
+def test_argmax_picks_the_best_candidate_by_an_independent_scoring(pair, source):
+    forward, reverse = pair
+    context = ["Where do you live?", "I live in a small town."]
+    reranker = MMIReranker(forward, reverse, num_candidates=6, argmax=True, source=source)
+    result = reranker.respond(context, seed=3, temperature=2.0, max_new_tokens=12)
+    texts = [c.text for c in result.candidates]
+    assert len(texts) == 6 and len(set(texts)) > 1  # a real choice to make
+    src = context[-1:] if source == "last" else context[::-1]
+    expected = [independent_score(reverse, c.text, src) for c in result.candidates]
+    assert [c.score for c in result.candidates] == pytest.approx(expected, abs=1e-4)
+    best = max(s for s, text in zip(expected, texts, strict=True) if text)
+    # The chosen one is a best-scored non-empty candidate (ties: identical texts).
+    assert texts[result.chosen] and expected[result.chosen] == pytest.approx(best, abs=1e-5)
+    assert result.response == texts[result.chosen]
+
+
+def test_reverse_token_types_are_used_when_its_meta_says_so(pair, typed_reverse):
+    forward, _ = pair
+    reranker = MMIReranker(forward, typed_reverse, num_candidates=4, argmax=True)
+    result = reranker.respond(["Hello", "Hi, how are you?"], seed=1, temperature=2.0)
+    expected = [
+        independent_score(typed_reverse, c.text, ["Hi, how are you?"]) for c in result.candidates
+    ]
+    assert [c.score for c in result.candidates] == pytest.approx(expected, abs=1e-4)
+
+
+def test_one_generate_call_and_one_reverse_forward(pair, monkeypatch):
+    forward, reverse = pair
+    calls: list[dict] = []
+    original = forward.model.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(forward.model, "generate", counting_generate)
+    reverse_calls = []
+    handle = reverse.model.base_model.register_forward_hook(lambda *a: reverse_calls.append(1))
+    try:
+        results = MMIReranker(forward, reverse, num_candidates=8).respond_batch(
+            [["Hello"], ["Do you like tea?"]], seed=0
+        )
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert calls[0]["input_ids"].shape[0] == 16  # 2 contexts x 8 candidates, one call
+    assert len(reverse_calls) == 1
+    assert [len(r.candidates) for r in results] == [8, 8]
+
+
+def test_empty_candidates_are_never_chosen():
+    scores = [-0.1, -9.0, -0.2, -8.0]  # the empty ones score best
+    nonempty = [False, True, False, True]
+    torch.manual_seed(0)
+    picks = {choose(scores, nonempty, temperature=5.0) for _ in range(200)}
+    assert picks == {1, 3}
+    assert choose(scores, nonempty, argmax=True) == 3
+    # All empty: something is still returned.
+    assert choose(scores, [False] * 4, argmax=True) == 0
+
+
+def test_empty_candidates_are_not_chosen_end_to_end(pair, monkeypatch):
+    forward, reverse = pair
+    reranker = MMIReranker(forward, reverse, num_candidates=4, argmax=True)
+    # Make the first two candidates empty (sep right away) and give them the best score.
+    import convcli.inference.mmi as mmi
+
+    real_response_ids = forward.response_ids
+
+    def half_empty(sequences, width):
+        ids = real_response_ids(sequences, width)
+        return [[], [], *ids[2:]]
+
+    monkeypatch.setattr(forward, "response_ids", half_empty)
+    monkeypatch.setattr(mmi, "score_candidates", lambda r, c, s: [0.0, 0.0, -5.0, -3.0])
+    result = reranker.respond(["Hello"], seed=0)
+    assert result.chosen == 3
+    assert result.candidates[0].text == ""
+
+
+def test_sampling_follows_the_seed(pair):
+    forward, reverse = pair
+    reranker = MMIReranker(forward, reverse, num_candidates=5, temperature=0.5)
+    runs = [reranker.respond(["Hello"], seed=11, temperature=2.0) for _ in range(2)]
+    assert [c.text for c in runs[0].candidates] == [c.text for c in runs[1].candidates]
+    assert runs[0].chosen == runs[1].chosen
+
+
+def test_a_reverse_model_with_another_tokenizer_is_refused(pair, tmp_path):
+    from convcli.data.vocab import train_bpe_tokenizer
+
+    forward, _ = pair
+    other = ConversationTokenizer(
+        train_bpe_tokenizer(["something else entirely", "another text"], vocab_size=300)
+    )
+    meta = ModelMeta(token_types=False, sep_token_id=other.sep_token_id, reverse=True)
+    folder = save_model_folder(tiny_gpt2(len(other)), other, meta, tmp_path / "other")
+    with pytest.raises(ConvcliError, match="tokenizer"):
+        MMIReranker(forward, ConversationModel.from_pretrained(folder))
