@@ -45,10 +45,10 @@ def friendly_errors(command: F) -> F:
 
 def given_flags(ctx: typer.Context, values: Mapping[str, Any]) -> dict[str, Any]:
     """The subset of `values` the user typed on the command line (they beat --config)."""
-    from click.core import ParameterSource
-
-    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    return {k: v for k, v in values.items() if ctx.get_parameter_source(k) in typed}
+    # Compare by name: typer vendors its own click, whose ParameterSource is another enum.
+    typed = ("COMMANDLINE", "ENVIRONMENT")
+    sources = {k: ctx.get_parameter_source(k) for k in values}
+    return {k: v for k, v in values.items() if getattr(sources[k], "name", None) in typed}
 
 
 def stdin_is_terminal() -> bool:
