@@ -8,6 +8,7 @@ import typer
 
 from convcli import __version__
 from convcli.cli.common import friendly_errors
+from convcli.cli.train import train
 
 app = typer.Typer(
     name="convcli",
@@ -19,7 +20,7 @@ app = typer.Typer(
 )
 
 # One line each in `convcli --help`: the first line of each command's docstring.
-COMMANDS: list = []
+COMMANDS: list = [train]
 for _command in COMMANDS:
     app.command(_command.__name__)(friendly_errors(_command))
 
