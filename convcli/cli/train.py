@@ -65,13 +65,9 @@ def train(
     ] = _D.learning_rate,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _D.weight_decay,
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = _D.warmup_steps,
-    schedule: Annotated[
-        str, typer.Option(help="After warmup: linear, constant.")
-    ] = _D.schedule,
+    schedule: Annotated[str, typer.Option(help="After warmup: linear, constant.")] = _D.schedule,
     grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0: off).")] = _D.grad_clip,
-    accumulate: Annotated[
-        int, typer.Option(help="Batches per optimizer step.")
-    ] = _D.accumulate,
+    accumulate: Annotated[int, typer.Option(help="Batches per optimizer step.")] = _D.accumulate,
     precision: Annotated[
         str, typer.Option(help="Precision: 32, bf16-mixed, 16-mixed.")
     ] = _D.precision,
@@ -88,9 +84,7 @@ def train(
     resume: Annotated[
         str | None, typer.Option(help="auto (newest checkpoint of --output) or a .ckpt path.")
     ] = _D.resume,
-    logger: Annotated[
-        str, typer.Option(help="Metrics logger: csv, tensorboard.")
-    ] = _D.logger,
+    logger: Annotated[str, typer.Option(help="Metrics logger: csv, tensorboard.")] = _D.logger,
     accelerator: Annotated[str, typer.Option(help="Lightning accelerator.")] = _D.accelerator,
     devices: Annotated[str, typer.Option(help="Lightning devices: auto, 2, 0,1.")] = _D.devices,
     num_nodes: Annotated[int, typer.Option(help="Machines.")] = _D.num_nodes,

@@ -54,7 +54,9 @@ def pack(order: Sequence[int], lengths: np.ndarray, plan: BatchPlan) -> list[lis
     return batches
 
 
-def epoch_batches(lengths: np.ndarray, plan: BatchPlan, seed: int, epoch: int | None) -> list[list[int]]:
+def epoch_batches(
+    lengths: np.ndarray, plan: BatchPlan, seed: int, epoch: int | None
+) -> list[list[int]]:
     """All batches of one epoch. `epoch=None`: no shuffling (validation), sorted by length."""
     n = len(lengths)
     if epoch is None:
@@ -63,7 +65,8 @@ def epoch_batches(lengths: np.ndarray, plan: BatchPlan, seed: int, epoch: int | 
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
     if plan.bucket:
-        per_batch = plan.batch_size or max(1, (plan.batch_tokens or 1) // max(1, int(lengths.mean())))
+        mean = max(1, int(lengths.mean()))
+        per_batch = plan.batch_size or max(1, (plan.batch_tokens or 1) // mean)
         pool = max(1, per_batch * plan.pool_batches)
         order = np.concatenate(
             [chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in _chunks(order, pool)]

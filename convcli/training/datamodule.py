@@ -226,4 +226,3 @@ class ConversationData(pl.LightningDataModule):
 
     def _batches_done(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-

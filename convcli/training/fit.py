@@ -337,6 +337,8 @@ def _quiet_lightning() -> Iterator[None]:
             ".*smaller than the logging interval.*",
             ".*Checkpoint directory .* exists and is not empty.*",
             ".*`isinstance.*LeafSpec.*",
+            # val_loss/val_ppl are reduced across ranks by the module before logging
+            ".*It is recommended to use `self.log\\('val_.*sync_dist=True.*",
         ):
             warnings.filterwarnings("ignore", message=pattern)
         try:
@@ -374,11 +376,14 @@ def train(
     `report` receives short progress lines (rank 0 only); `callbacks` are extra
     Lightning callbacks (tests use one to simulate a crash).
     """
+    from transformers.utils import logging as hf_logging
+
     started = time.monotonic()
+    hf_logging.disable_progress_bar()  # one bar (Lightning's) is enough
     check_settings(s)
     assert s.data is not None and s.output is not None
     say = report if report and _rank_zero_before_launch() else (lambda _: None)
-    shards, tokenizer = open_shards(s.data)
+    _, tokenizer = open_shards(s.data)
     checkpoint = find_checkpoint(s)
     if _rank_zero_before_launch():
         prepare_output(s, resuming=checkpoint is not None)
@@ -411,12 +416,13 @@ def train(
     def export(name: str, module: ConversationLM, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero:
             return
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one bar (Lightning's) is enough
         folder_meta = replace(
             meta,
-            extra={"step": trainer.global_step, "train_on": s.train_on, "val_loss": module.val_loss},
+            extra={
+                "step": trainer.global_step,
+                "train_on": s.train_on,
+                "val_loss": module.val_loss,
+            },
         )
         save_model_folder(
             module.model, tokenizer, folder_meta, s.output / name,  # type: ignore[arg-type, operator]

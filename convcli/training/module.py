@@ -129,7 +129,8 @@ class ConversationLM(pl.LightningModule):
             return lr_factor(step, warmup, total, schedule)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule_step = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule_step}
 
     def total_tokens(self) -> int:
         """Input tokens trained on so far, all ranks (a collective: call on every rank)."""

@@ -80,4 +80,3 @@ class TrainSettings:
     """DataLoader worker processes (0: load in the training process)."""
     overwrite: bool = False
     """Start over in an output directory that already holds a run."""
-
