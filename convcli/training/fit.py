@@ -453,7 +453,7 @@ def train(
                     StepCheckpoints(s.output / CHECKPOINTS, s.save_every, s.keep_checkpoints),
                     Reseed(s.seed),
                     best,
-                    StderrProgressBar(),
+                    *([StderrProgressBar()] if progress else []),
                     *callbacks,
                 ],
                 enable_checkpointing=False,
