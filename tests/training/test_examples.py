@@ -62,7 +62,7 @@ def test_reverse_reverses_turns_and_keeps_weights(make_shards, turns):
 
 
 def test_truncation_drops_oldest_turns_and_their_loss(make_shards, turns):
-    a, b, c = turns
+    _, b, c = turns
     limit = len(b) + len(c) + 3
     got = example(make_shards([DIALOGUE], valid_every=0), max_length=limit)
     assert got["input_ids"].tolist() == [0, *b, 0, *c, 0]
