@@ -27,7 +27,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from convcli.data.shards import Shards
 from convcli.errors import ConvcliError, UsageError
@@ -465,7 +465,16 @@ def train(
             )
         except (MisconfigurationException, ValueError, TypeError, RuntimeError) as exc:
             raise UsageError(f"Lightning refused the options: {exc}") from None
-        trainer.fit(module, datamodule=data, ckpt_path=str(checkpoint) if checkpoint else None)
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=str(checkpoint) if checkpoint else None)
+        except SystemExit as exc:  # Lightning exits on Ctrl-C and SIGTERM
+            if not trainer.interrupted:
+                raise
+            if isinstance(exc, SIGTERMException):
+                raise ConvcliError(
+                    f"terminated at step {trainer.global_step}; continue with --resume auto"
+                ) from None
+            raise KeyboardInterrupt from None
         if has_valid and best.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)
         tokens = module.total_tokens()

@@ -142,3 +142,25 @@ def test_foreign_tokenizer_is_refused(make_shards, tiny_model_dir, tmp_path):
     shards = make_shards(tokenizer_dir=tmp_path / "other")
     with pytest.raises(ConvcliError, match="prepared with a different tokenizer"):
         train(settings(shards, tmp_path / "run", model=str(tiny_model_dir)), progress=False)
+
+
+@pytest.mark.slow
+def test_preset_without_validation_split_and_checkpoint_contents(make_shards, tmp_path):
+    from convcli.training.module import ConversationLM
+
+    run = tmp_path / "tiny"
+    result = train(settings(make_shards(valid_every=0), run, preset="tiny", max_steps=2),
+                   progress=False)  # fmt: skip
+    assert result.val_loss is None and result.best is None and not (run / "best").exists()
+    meta = json.loads((run / "final" / "convcli.json").read_text())
+    assert meta["source"] == "preset:tiny" and meta["token_types"] is True
+
+    # The checkpoint rebuilds without the run: `model.<hf key>` weights + hyper_parameters.
+    ckpt = torch.load(run / "checkpoints" / "step-0000002.ckpt", weights_only=False)
+    assert all(key.startswith("model.") for key in ckpt["state_dict"])
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["config"]["n_layer"] == 4 and hparams["settings"]["preset"] == "tiny"
+    assert hparams["meta"]["token_types"] is True and ckpt["optimizer_states"]
+    module = ConversationLM.load_from_checkpoint(run / "checkpoints" / "step-0000002.ckpt")
+    final = weights(run / "final")
+    torch.testing.assert_close(module.model.transformer.wpe.weight, final["transformer.wpe.weight"])
