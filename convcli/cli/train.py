@@ -134,6 +134,6 @@ def train(
     )
     best = f", best: {result.best}" if result.best else ""
     info(
-        f"trained {result.steps} steps on {result.tokens:,} tokens in {result.seconds:.0f} s; "
+        f"trained {result.steps} steps on {result.tokens:,} tokens in {result.seconds:.1f} s; "
         f"{val}; final: {result.final}{best}"
     )

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +25,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from convcli.data.shards import Shards
@@ -35,6 +33,13 @@ from convcli.modelfolder import ModelMeta, load_model_folder, save_model_folder
 from convcli.settings import to_dict, to_yaml
 from convcli.tokenizer import ConversationTokenizer
 from convcli.training.batching import BatchPlan, padding_fraction
+from convcli.training.callbacks import (
+    BestFolder,
+    Reseed,
+    StderrProgressBar,
+    StepCheckpoints,
+    step_checkpoints,
+)
 from convcli.training.datamodule import ConversationData
 from convcli.training.module import ConversationLM
 from convcli.training.settings import TrainSettings
@@ -47,7 +52,6 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "train.yaml"
-_STEP_FILE = re.compile(r"step-(\d+)\.ckpt")
 
 
 @dataclass
@@ -124,11 +128,7 @@ def find_checkpoint(s: TrainSettings) -> Path | None:
         if not path.is_file():
             raise ConvcliError(f"--resume: checkpoint not found: {path}")
         return path
-    found = sorted(
-        (int(m.group(1)), p)
-        for p in (s.output / CHECKPOINTS).glob("step-*.ckpt")
-        if (m := _STEP_FILE.fullmatch(p.name))
-    )
+    found = step_checkpoints(s.output / CHECKPOINTS)
     if not found:
         raise ConvcliError(f"--resume auto: nothing to resume in {s.output / CHECKPOINTS}")
     return found[-1][1]
@@ -226,90 +226,6 @@ def check_checkpoint(path: Path, config: dict[str, Any]) -> None:
     if differ:
         what = ", ".join(f"{k} {saved.get(k)} vs {config.get(k)}" for k in differ)
         raise ConvcliError(f"--resume: {path} belongs to a different model ({what})")
-
-
-# -- callbacks -------------------------------------------------------------------------------
-
-
-class StepCheckpoints(pl.Callback):
-    """Checkpoints (weights, optimizer, loops, data position) every N steps and at the end."""
-
-    def __init__(self, directory: Path, every: int, keep: int) -> None:
-        self.directory, self.every, self.keep = directory, every, keep
-        self.last_saved = -1
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        step = trainer.global_step
-        if step and step % self.every == 0 and step != self.last_saved:
-            self.save(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.global_step != self.last_saved:
-            self.save(trainer)
-
-    def save(self, trainer: pl.Trainer) -> None:
-        step = trainer.global_step
-        trainer.save_checkpoint(self.directory / f"step-{step:07d}.ckpt")
-        self.last_saved = step
-        if trainer.is_global_zero:
-            steps = sorted(
-                (int(m.group(1)), p)
-                for p in self.directory.glob("step-*.ckpt")
-                if (m := _STEP_FILE.fullmatch(p.name))
-            )
-            for _, path in steps[: -self.keep]:
-                path.unlink(missing_ok=True)
-
-
-class Reseed(pl.Callback):
-    """Seed dropout from (seed, rank, batch number), so a resumed run draws the same masks."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        batch = trainer.fit_loop.epoch_loop.total_batch_idx + 1
-        torch.manual_seed((self.seed * 1_000_003 + trainer.global_rank * 7919 + batch) % 2**62)
-
-
-class BestFolder(pl.Callback):
-    """Export `best/` whenever the validation loss improves (rank 0 writes)."""
-
-    def __init__(self, export: Callable[[str, ConversationLM, pl.Trainer], None]) -> None:
-        self.export = export
-        self.best: float | None = None
-        self.last_val_step = -1
-
-    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        assert isinstance(module, ConversationLM)
-        if trainer.sanity_checking or module.val_loss is None:
-            return
-        self.last_val_step = trainer.global_step
-        if self.best is None or module.val_loss < self.best:
-            self.best = module.val_loss
-            self.export("best", module, trainer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best")
-
-
-class StderrProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar, on stderr: stdout is for model text."""
-
-    def init_sanity_tqdm(self):  # type: ignore[no-untyped-def]
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_sanity_tqdm()
-
-    def init_train_tqdm(self):  # type: ignore[no-untyped-def]
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_train_tqdm()
-
-    def init_validation_tqdm(self):  # type: ignore[no-untyped-def]
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_validation_tqdm()
 
 
 # -- the run ---------------------------------------------------------------------------------
