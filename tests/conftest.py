@@ -83,20 +83,35 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
 
 @pytest.fixture
 def make_shards(tmp_path: Path, tiny_tokenizer_dir: Path) -> Callable[..., Path]:
-    """Build a shard directory from dialogues without `prepare` (every 5th one is valid)."""
+    """Build a shard directory from dialogues without `prepare` (every 5th one is valid).
+
+    `weights[i]` gives dialogue i's per-turn weight flags; `valid_every=0` puts nothing
+    in the validation split, 1 everything; `tokenizer_dir` replaces the tiny tokenizer.
+    """
     from convcli.data.shards import ShardWriter, ids_dtype, write_manifest
     from convcli.tokenizer import ConversationTokenizer, layout
 
-    def make(dialogues: Sequence[Sequence[str]] = DIALOGUES, name: str = "shards") -> Path:
-        tokenizer = ConversationTokenizer.from_pretrained(tiny_tokenizer_dir)
+    def make(
+        dialogues: Sequence[Sequence[str]] = DIALOGUES,
+        name: str = "shards",
+        *,
+        weights: Sequence[Sequence[bool] | None] | None = None,
+        valid_every: int = 5,
+        tokenizer_dir: Path | None = None,
+    ) -> Path:
+        tokenizer = ConversationTokenizer.from_pretrained(tokenizer_dir or tiny_tokenizer_dir)
         out = tmp_path / name
         out.mkdir()
         tokenizer.save_pretrained(out / "tokenizer")
         dtype = ids_dtype(len(tokenizer))
         writers = {s: ShardWriter(out, s, dtype) for s in ("train", "valid")}
         for i, dialogue in enumerate(dialogues):
-            ids, types, mask = layout(tokenizer.encode_turns(dialogue), tokenizer.sep_token_id)
-            writers["valid" if i % 5 == 4 else "train"].add(ids, types, mask)
+            weighted = weights[i] if weights else None
+            ids, types, mask = layout(
+                tokenizer.encode_turns(dialogue), tokenizer.sep_token_id, weighted
+            )
+            valid = valid_every > 0 and i % valid_every == valid_every - 1
+            writers["valid" if valid else "train"].add(ids, types, mask)
         splits = {s: {"shards": w.close()} for s, w in writers.items()}
         write_manifest(
             out,

@@ -12,6 +12,7 @@ from convcli.cli.common import friendly_errors
 from convcli.cli.convert import convert
 from convcli.cli.generate import generate
 from convcli.cli.prepare import prepare
+from convcli.cli.train import train
 
 app = typer.Typer(
     name="convcli",
@@ -23,7 +24,7 @@ app = typer.Typer(
 )
 
 # One line each in `convcli --help`: the first line of each command's docstring.
-COMMANDS: list = [prepare, convert, generate, chat]
+COMMANDS: list = [prepare, train, convert, generate, chat]
 for _command in COMMANDS:
     app.command(_command.__name__)(friendly_errors(_command))
 

@@ -1,0 +1,103 @@
+"""Lightning callbacks of `convcli train`: checkpoints, reseeding, best/ export, stderr bar."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
+
+from convcli.training.module import ConversationLM
+
+_STEP_FILE = re.compile(r"step-(\d+)\.ckpt")
+
+
+def step_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """The `step-N.ckpt` files of a run, oldest first."""
+    return sorted(
+        (int(m.group(1)), p)
+        for p in directory.glob("step-*.ckpt")
+        if (m := _STEP_FILE.fullmatch(p.name))
+    )
+
+
+class StepCheckpoints(pl.Callback):
+    """Checkpoints (weights, optimizer, loops, data position) every N steps and at the end."""
+
+    def __init__(self, directory: Path, every: int, keep: int) -> None:
+        self.directory, self.every, self.keep = directory, every, keep
+        self.last_saved = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        if step and step % self.every == 0 and step != self.last_saved:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.global_step != self.last_saved:
+            self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        step = trainer.global_step
+        trainer.save_checkpoint(self.directory / f"step-{step:07d}.ckpt")
+        self.last_saved = step
+        if trainer.is_global_zero:
+            for _, path in step_checkpoints(self.directory)[: -self.keep]:
+                path.unlink(missing_ok=True)
+
+
+class Reseed(pl.Callback):
+    """Seed dropout from (seed, rank, batch number), so a resumed run draws the same masks."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        batch = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+        torch.manual_seed((self.seed * 1_000_003 + trainer.global_rank * 7919 + batch) % 2**62)
+
+
+class BestFolder(pl.Callback):
+    """Export `best/` whenever the validation loss improves (rank 0 writes)."""
+
+    def __init__(self, export: Callable[[str, ConversationLM, pl.Trainer], None]) -> None:
+        self.export = export
+        self.best: float | None = None
+        self.last_val_step = -1
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        assert isinstance(module, ConversationLM)
+        if trainer.sanity_checking or module.val_loss is None:
+            return
+        self.last_val_step = trainer.global_step
+        if self.best is None or module.val_loss < self.best:
+            self.best = module.val_loss
+            self.export("best", module, trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, on stderr: stdout is for model text."""
+
+    def init_sanity_tqdm(self):  # type: ignore[no-untyped-def]
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_sanity_tqdm()
+
+    def init_train_tqdm(self):  # type: ignore[no-untyped-def]
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_train_tqdm()
+
+    def init_validation_tqdm(self):  # type: ignore[no-untyped-def]
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_validation_tqdm()

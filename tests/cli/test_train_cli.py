@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from convcli.cli.app import app
+from tests.conftest import run_cli
+
+runner = CliRunner()
+FAST = ["--batch-size", "4", "--accelerator", "cpu", "--devices", "1", "--warmup-steps", "1"]
+
+
+def invoke(*args):
+    return runner.invoke(app, ["train", *map(str, args)])
+
+
+def one_line_error(result, code: int, text: str) -> None:
+    assert result.exit_code == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], lines
+
+
+def test_print_config_round_trips_and_flags_beat_the_file(tmp_path):
+    first = invoke("--print-config", "--lr", "0.003", "--reverse", "--train-on", "all")
+    assert first.exit_code == 0 and first.stderr == ""
+    config = yaml.safe_load(first.stdout)
+    assert config["learning_rate"] == 0.003 and config["reverse"] is True
+    assert "# Token budget of a batch per device" in first.stdout  # commented
+    path = tmp_path / "train.yaml"
+    path.write_text(first.stdout)
+    again = invoke("--config", path, "--print-config")
+    assert again.stdout == first.stdout
+    override = yaml.safe_load(invoke("--config", path, "--lr", "0.5", "--print-config").stdout)
+    assert override["learning_rate"] == 0.5 and override["train_on"] == "all"
+
+
+def test_bad_config_value_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("precision: 64\n")
+    one_line_error(invoke("--config", path, "--print-config"), 2, "precision")
+
+
+@pytest.mark.parametrize(
+    ("build", "args", "code", "message"),
+    [
+        ("missing", [], 1, "shard directory not found"),
+        ("foreign", [], 1, "not a shard directory"),
+        ("mismatch", [], 1, "manifest does not match its files"),
+        ("no-train", [], 1, "the training split is empty"),
+        ("ok", ["--resume", "auto"], 1, "nothing to resume"),
+        ("ok", ["--resume", "nope.ckpt"], 1, "checkpoint not found"),
+        ("no-model", ["--preset", "huge"], 2, "unknown preset 'huge'"),
+        ("no-model", [], 2, "exactly one of --model"),
+        ("ok", ["--train-on", "most"], 2, "--train-on: 'most' is not one of"),
+        ("ok", ["--accumulate", "0"], 2, "--accumulate must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_line(build, args, code, message, make_shards, tiny_model_dir, tmp_path):
+    data = tmp_path / "missing"
+    if build == "foreign":
+        data.mkdir()
+        (data / "notes.txt").write_text("hi")
+    elif build == "mismatch":
+        data = make_shards()
+        file = data / "train-00000.ids.bin"
+        file.write_bytes(file.read_bytes()[:-2])
+    elif build == "no-train":
+        data = make_shards(valid_every=1)
+    elif build in ("ok", "no-model"):
+        data = make_shards()
+    model = [] if build == "no-model" else ["--model", tiny_model_dir]
+    options = ["--data", data, "--output", tmp_path / "run", *model, *args]
+    one_line_error(invoke(*options), code, message)
+
+
+@pytest.mark.slow
+def test_train_summary_refuses_a_second_run_and_resumes(make_shards, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    base = ["--data", make_shards(), "--output", run, "--model", tiny_model_dir, *FAST]
+    first = invoke(*base, "--max-steps", "2", "--reverse")
+    assert first.exit_code == 0, first.stderr
+    assert first.stdout == ""  # model text only on stdout; training prints none
+    summary = first.stderr.strip().splitlines()[-1]
+    assert summary.startswith("trained 2 steps on ") and f"final: {run / 'final'}" in summary
+    assert "val loss" in summary and "ppl" in summary
+    assert json.loads((run / "final" / "convcli.json").read_text())["reverse"] is True
+
+    one_line_error(invoke(*base, "--max-steps", "2"), 1, "already holds a run")
+    resumed = invoke(*base, "--max-steps", "4", "--reverse", "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "trained 4 steps" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(make_shards, tiny_model_dir, tmp_path):
+    run = tmp_path / "ddp"
+    result = run_cli(
+        "train", "--data", str(make_shards()), "--output", str(run),
+        "--model", str(tiny_model_dir), "--max-steps", "3", "--batch-size", "2",
+        "--val-every", "2", "--strategy", "ddp", "--devices", "2", "--accelerator", "cpu",
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [line for line in result.stderr.splitlines() if line.startswith("trained ")]
+    assert len(summaries) == 1 and summaries[0].startswith("trained 3 steps")  # rank 0 only
+    assert (run / "final" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000003.ckpt"]
