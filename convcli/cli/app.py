@@ -10,6 +10,7 @@ from convcli import __version__
 from convcli.cli.chat import chat
 from convcli.cli.common import friendly_errors
 from convcli.cli.convert import convert
+from convcli.cli.eval import evaluate
 from convcli.cli.generate import generate
 from convcli.cli.prepare import prepare
 from convcli.cli.train import train
@@ -24,9 +25,16 @@ app = typer.Typer(
 )
 
 # One line each in `convcli --help`: the first line of each command's docstring.
-COMMANDS: list = [prepare, train, convert, generate, chat]
-for _command in COMMANDS:
-    app.command(_command.__name__)(friendly_errors(_command))
+COMMANDS = {
+    "prepare": prepare,
+    "train": train,
+    "convert": convert,
+    "generate": generate,
+    "chat": chat,
+    "eval": evaluate,
+}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(friendly_errors(_command))
 
 
 def _version(value: bool) -> None:

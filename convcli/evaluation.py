@@ -1,0 +1,230 @@
+"""`convcli eval`: held-out loss and perplexity on shards, and response metrics.
+
+Loss uses the very pieces training uses (labels from the stored loss flags, the same
+re-layout for reverse models, the same summed token loss), so an eval perplexity is
+comparable with the validation perplexity logged by `train`. Response metrics
+generate a reply per context and compare it with a reference (see convcli.metrics);
+with a reverse model, plain sampling and MMI are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convcli.errors import ConvcliError, InputError
+from convcli.metrics import response_metrics
+
+if TYPE_CHECKING:
+    from convcli.inference.mmi import MMIReranker
+    from convcli.inference.model import ConversationModel
+
+Progress = Callable[[int], None]
+"""Called with the number of examples (or contexts) just processed."""
+
+
+@dataclass
+class LossReport:
+    """Per-token loss of a model on one split of a shard directory."""
+
+    split: str
+    train_on: str
+    reverse: bool
+    examples: int
+    tokens: int
+    """Tokens that carry loss under `train_on` (the denominator)."""
+    loss: float
+    perplexity: float
+
+
+def evaluate_loss(
+    model: ConversationModel,
+    shards: str | Path,
+    *,
+    split: str = "valid",
+    train_on: str = "responses",
+    batch_tokens: int = 4096,
+    progress: Progress | None = None,
+) -> LossReport:
+    """Summed token loss / labelled tokens over a whole split (not a mean of batch means)."""
+    import torch
+
+    from convcli.data.shards import Shards
+    from convcli.training.batching import BatchPlan, BucketBatchSampler
+    from convcli.training.datamodule import Collate, TrainingExamples
+    from convcli.training.module import token_loss
+
+    opened = Shards(shards)
+    recorded = opened.manifest.get("tokenizer", {}).get("fingerprint")
+    if recorded and recorded != model.tokenizer.fingerprint():
+        raise ConvcliError(
+            f"{shards} was prepared with another tokenizer than the model's "
+            "(fingerprints differ): prepare it with --tokenizer MODEL"
+        )
+    if len(opened.split(split)) == 0:
+        raise ConvcliError(f"{shards}: the {split} split is empty")
+    meta = model.meta
+    examples = TrainingExamples(
+        opened.path, split, model.sep_token_id,
+        train_on=train_on, reverse=meta.reverse, max_length=model.n_positions,
+    )  # fmt: skip
+    sampler = BucketBatchSampler(examples.lengths(), BatchPlan(batch_tokens), shuffle=False)
+    collate = Collate(model.tokenizer.pad_token_id, meta.token_types)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in sampler:
+            inputs = collate([examples[key] for key in batch])
+            labels = inputs.pop("labels").to(model.device)
+            inputs = {k: v.to(model.device) for k, v in inputs.items()}
+            loss, n = token_loss(model.model(**inputs).logits, labels)
+            total, count = total + float(loss), count + int(n)
+            if progress:
+                progress(len(batch))
+    if count == 0:
+        raise ConvcliError(f"{shards}: no token of the {split} split carries loss with {train_on}")
+    loss = total / count
+    return LossReport(
+        split, train_on, meta.reverse, len(examples), count, loss, math.exp(min(loss, 50.0))
+    )
+
+
+@dataclass
+class Sample:
+    """A context and the reply a good model would give."""
+
+    line: int
+    context: list[str]
+    reference: str
+
+
+@dataclass
+class ResponseReport:
+    """Metrics of one way of answering (plain sampling, or MMI) over all samples."""
+
+    system: str
+    samples: int
+    metrics: dict[str, float]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    """The first few (context, reference, response) triples, for a look."""
+
+
+def read_samples(path: str | Path, references: str | Path | None = None) -> list[Sample]:
+    """Contexts and references from JSONL.
+
+    Each line of `path` is a JSON array of turns or an object with `turns` (and
+    optionally `reference` or `expected`). Without a separate `references` file (one
+    JSON string per line, or an object with `reference`), a line's reference is its
+    `reference`/`expected` key, else its last turn (the context is the turns before).
+    """
+    from convcli.inference.batch import parse_line
+
+    path = Path(path)
+    samples = []
+    refs = iter(_read_references(Path(references))) if references else None
+    for number, text in _lines(path):
+        item = parse_line(text, path=str(path), line=number)
+        turns, reference = item.turns, item.extra.get("reference", item.extra.get("expected"))
+        if refs is not None:
+            reference = next(refs, None)
+            if reference is None:
+                raise InputError(
+                    f"no reference for this context in {references}", path=str(path), line=number
+                )
+        elif reference is None:
+            if len(turns) < 2:
+                raise InputError(
+                    "needs a reference: a 'reference' key, --references, or at least two turns "
+                    "(the last one is the reference)",
+                    path=str(path),
+                    line=number,
+                )
+            turns, reference = turns[:-1], turns[-1]
+        if not isinstance(reference, str):
+            raise InputError("the reference must be a string", path=str(path), line=number)
+        samples.append(Sample(number, turns, reference))
+    if refs is not None and next(refs, None) is not None:
+        raise ConvcliError(f"{references} has more references than {path} has contexts")
+    if not samples:
+        raise ConvcliError(f"{path}: no contexts to evaluate")
+    return samples
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, text in enumerate(f, 1):
+                if text.strip():
+                    yield number, text
+    except FileNotFoundError:
+        raise ConvcliError(f"file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConvcliError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def _read_references(path: Path) -> Iterable[str]:
+    for number, text in _lines(path):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"invalid JSON: {exc}", path=str(path), line=number) from None
+        if isinstance(value, dict):
+            value = value.get("reference")
+        if not isinstance(value, str):
+            raise InputError(
+                "expected a JSON string (or an object with 'reference')",
+                path=str(path),
+                line=number,
+            )
+        yield value
+
+
+def evaluate_responses(
+    model: ConversationModel,
+    samples: list[Sample],
+    *,
+    reranker: MMIReranker | None = None,
+    batch_size: int = 16,
+    seed: int | None = 0,
+    show: int = 3,
+    progress: Progress | None = None,
+    **generate_kwargs: Any,
+) -> list[ResponseReport]:
+    """Answer every sample and score the answers; with a reranker, MMI too, in the same run.
+
+    Plain answers are sampled like MMI's candidates (top-k 50 unless `generate_kwargs`
+    say otherwise), so the two differ only by the reranking.
+    """
+    from convcli.inference.mmi import DEFAULT_SAMPLING
+
+    options = {**DEFAULT_SAMPLING, **generate_kwargs}
+    systems: dict[str, Callable[[list[list[str]], int | None], list[str]]] = {
+        "sampling": lambda batch, s: model.generate(batch, seed=s, **options).responses
+    }
+    if reranker is not None:
+        systems["mmi"] = lambda batch, s: [
+            r.response for r in reranker.respond_batch(batch, seed=s, **options)
+        ]
+    references = [s.reference for s in samples]
+    reports = []
+    for name, answer in systems.items():
+        responses: list[str] = []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            responses += answer([s.context for s in chunk], None if seed is None else seed + start)
+            if progress:
+                progress(len(chunk))
+        shown = [
+            {"context": s.context, "reference": s.reference, "response": r}
+            for s, r in zip(samples[:show], responses, strict=False)
+        ]
+        metrics = response_metrics(responses, references)
+        reports.append(ResponseReport(name, len(samples), metrics, shown))
+    return reports
+
+
+def to_json(report: LossReport | ResponseReport) -> dict[str, Any]:
+    return asdict(report)

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from convcli.cli.app import app
+from convcli.errors import ConvcliError, InputError
+from convcli.evaluation import evaluate_loss, evaluate_responses, read_samples
+from convcli.inference.model import ConversationModel
+from convcli.tokenizer import LOSS_RESPONSE
+from tests.conftest import DIALOGUES
+from tests.inference.trained_models import trained_model_dirs
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
+    return trained_model_dirs(tmp_path_factory, tiny_tokenizer_dir)
+
+
+def test_loss_is_per_token_over_the_whole_split(tiny_model_dir, make_shards):
+    from convcli.data.shards import Shards
+
+    shards = make_shards()
+    model = ConversationModel.from_pretrained(tiny_model_dir, device="cpu")
+    report = evaluate_loss(model, shards, batch_tokens=64)  # many small batches
+    # Independently: one example at a time, the summed loss of the response tokens.
+    total, count = 0.0, 0
+    for example in Shards(shards).split("valid"):
+        ids = torch.tensor(np.asarray(example.ids, dtype=np.int64))[None]
+        types = torch.tensor(np.asarray(example.types, dtype=np.int64))[None]
+        keep = torch.tensor((np.asarray(example.mask) & LOSS_RESPONSE) != 0)
+        with torch.no_grad():
+            logits = model.model(input_ids=ids, token_type_ids=types).logits[0, :-1]
+        losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        total += float(losses[keep[1:]].sum())
+        count += int(keep[1:].sum())
+    assert report.tokens == count
+    assert report.loss == pytest.approx(total / count, rel=1e-5)
+    assert report.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert evaluate_loss(model, shards, train_on="all").tokens > count
+
+
+def test_shards_of_another_tokenizer_are_refused(tiny_model_dir, make_shards, tmp_path):
+    from convcli.data.vocab import train_bpe_tokenizer
+
+    other = tmp_path / "other-tokenizer"
+    train_bpe_tokenizer(["something else entirely"] * 20, 300).save_pretrained(str(other))
+    shards = make_shards(tokenizer_dir=other)
+    model = ConversationModel.from_pretrained(tiny_model_dir, device="cpu")
+    with pytest.raises(ConvcliError, match="another tokenizer"):
+        evaluate_loss(model, shards)
+
+
+def test_references_from_keys_last_turns_or_a_file(tmp_path):
+    contexts = tmp_path / "c.jsonl"
+    contexts.write_text(
+        '{"turns": ["Hi"], "expected": "Hello"}\n\n["Do you like tea?", "Yes."]\n',
+        encoding="utf-8",
+    )
+    samples = read_samples(contexts)
+    assert [(s.line, s.context, s.reference) for s in samples] == [
+        (1, ["Hi"], "Hello"),
+        (3, ["Do you like tea?"], "Yes."),
+    ]
+    refs = tmp_path / "r.jsonl"
+    refs.write_text('"A"\n{"reference": "B"}\n', encoding="utf-8")
+    assert [s.reference for s in read_samples(contexts, refs)] == ["A", "B"]
+
+
+def test_bad_samples_name_the_line(tmp_path):
+    contexts = tmp_path / "c.jsonl"
+    contexts.write_text('["Hi", "Hello"]\n["lonely"]\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"c\.jsonl:2: needs a reference"):
+        read_samples(contexts)
+    refs = tmp_path / "r.jsonl"
+    refs.write_text('"A"\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"c\.jsonl:2: no reference"):
+        read_samples(contexts, refs)
+
+
+def test_response_metrics_for_sampling_and_mmi(trained):
+    from convcli.inference.mmi import MMIReranker
+    from convcli.metrics import response_metrics
+
+    forward, reverse = (ConversationModel.from_pretrained(p, device="cpu") for p in trained)
+    unique = list(dict.fromkeys(tuple(d) for d in DIALOGUES))
+    samples = read_samples_from(unique)
+    reranker = MMIReranker(forward, reverse, num_candidates=4, argmax=True)
+    reports = evaluate_responses(forward, samples, reranker=reranker, batch_size=2, seed=0)
+    assert [r.system for r in reports] == ["sampling", "mmi"]
+    for report in reports:
+        assert report.samples == len(samples)
+        assert set(report.metrics) == {"distinct_1", "distinct_2", "avg_length", "f1"}
+        # The models learnt these dialogues: most replies are right.
+        assert report.metrics["f1"] > 0.5
+    plain = forward.generate([s.context for s in samples[:2]], seed=0, do_sample=True, top_k=50)
+    assert reports[0].examples[0]["response"] == plain.responses[0]
+    assert response_metrics(plain.responses, [s.reference for s in samples[:2]])["f1"] >= 0
+
+
+def read_samples_from(dialogues) -> list:
+    from convcli.evaluation import Sample
+
+    return [Sample(i, list(d[:-1]), d[-1]) for i, d in enumerate(dialogues, 1)]
+
+
+def test_cli_json_with_loss_and_mmi(trained, tmp_path, make_shards):
+    forward, reverse = trained
+    contexts = tmp_path / "c.jsonl"
+    contexts.write_text(
+        "\n".join(json.dumps(list(d)) for d in dict.fromkeys(tuple(d) for d in DIALOGUES)),
+        encoding="utf-8",
+    )
+    result = runner.invoke(
+        app,
+        ["eval", str(forward), "--data", str(make_shards()), "--input", str(contexts),
+         "--reverse-model", str(reverse), "--num-candidates", "2", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["loss"]["split"] == "valid" and out["loss"]["perplexity"] > 1
+    assert [r["system"] for r in out["responses"]] == ["sampling", "mmi"]
+
+
+def test_cli_needs_something_to_evaluate(tiny_model_dir):
+    result = runner.invoke(app, ["eval", str(tiny_model_dir)])
+    assert result.exit_code == 2
+    assert "give --data SHARDS" in result.stderr
