@@ -127,10 +127,14 @@ def make_shards(tmp_path: Path, tiny_tokenizer_dir: Path) -> Callable[..., Path]
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, input: str | None = None, timeout: float = 600
+    *args: str,
+    cwd: Path | None = None,
+    input: str | None = None,
+    timeout: float = 600,
+    env_repo: Path = REPO,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m convcli ARGS` in a subprocess, using this checkout's package."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    """Run `python -m convcli ARGS` in a subprocess, using the package of `env_repo`."""
+    env = {**os.environ, "PYTHONPATH": str(env_repo)}
     return subprocess.run(
         [sys.executable, "-m", "convcli", *args],
         cwd=cwd or REPO,

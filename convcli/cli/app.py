@@ -10,6 +10,7 @@ from convcli import __version__
 from convcli.cli.chat import chat
 from convcli.cli.common import friendly_errors
 from convcli.cli.convert import convert
+from convcli.cli.demo import demo
 from convcli.cli.eval import evaluate
 from convcli.cli.generate import generate
 from convcli.cli.prepare import prepare
@@ -32,6 +33,7 @@ COMMANDS = {
     "generate": generate,
     "chat": chat,
     "eval": evaluate,
+    "demo": demo,
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(friendly_errors(_command))

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from convcli.cli.app import app
+from convcli.demo import DemoSettings, _command, _train_settings, run_demo
+from convcli.errors import ConvcliError
+from convcli.settings import to_dict
+from tests.conftest import REPO, run_cli
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_printed_train_command_means_the_same_settings(reverse, tmp_path):
+    settings = _train_settings(DemoSettings(), tmp_path / "shards", tmp_path / "run", reverse)
+    command = _command("train", settings)
+    result = runner.invoke(app, [*shlex.split(command)[1:], "--print-config"])
+    assert result.exit_code == 0, result.stderr
+    assert yaml.safe_load(result.stdout) == to_dict(settings)
+
+
+def test_refuses_a_directory_that_is_not_a_demo(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ConvcliError, match="not a demo directory"):
+        next(run_demo(DemoSettings(output=tmp_path, fresh=True)))
+    assert (tmp_path / "precious.txt").exists()
+
+
+def readme_demo_command() -> list[str]:
+    """The `convcli demo ...` part of the README's first setup command."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in text.splitlines() if "convcli demo" in line)
+    command = shlex.split(line[line.index("convcli demo") :])
+    assert command[:2] == ["convcli", "demo"]
+    return command[2:]
+
+
+@pytest.mark.slow
+def test_readme_demo_runs_on_a_clean_checkout(tmp_path):
+    checkout = tmp_path / "convcli"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(checkout)], check=True)
+    shutil.copy(REPO / "README.md", checkout / "README.md")  # the README under test
+    args = readme_demo_command()
+    first = run_cli("demo", *args, cwd=checkout, env_repo=checkout)
+    assert first.returncode == 0, first.stderr[-2000:]
+    out = checkout / "runs" / "demo"
+    for model in ("forward", "reverse"):
+        assert (out / model / "final" / "model.safetensors").is_file()
+    assert "convcli train --data" in first.stderr and "--reverse" in first.stderr
+    replies = [line for line in first.stdout.splitlines() if line.strip().startswith("bot>")]
+    assert replies, first.stdout
+    # The model learnt the sample data: the greeting exchange gets a sensible reply.
+    rerun = run_cli("demo", *args, cwd=checkout, env_repo=checkout)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stderr.count("done already") == 3
