@@ -65,10 +65,8 @@ def epoch_batches(
         order = np.argsort(lengths, kind="stable") if plan.bucket else np.arange(n)
         return pack(order, lengths, plan)
     rng = np.random.default_rng([seed, epoch])
-    if plan.bucket:
-        order = np.lexsort((rng.random(n), lengths))  # by length, ties shuffled
-    else:
-        order = rng.permutation(n)  # (the number of batches varies by epoch)
+    # By length with ties shuffled; unbucketed (benchmarks only), the batch count varies.
+    order = np.lexsort((rng.random(n), lengths)) if plan.bucket else rng.permutation(n)
     batches = pack(order, lengths, plan)
     return [batches[i] for i in rng.permutation(len(batches))]
 

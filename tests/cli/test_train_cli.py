@@ -92,6 +92,11 @@ def test_train_summary_refuses_a_second_run_and_resumes(make_shards, tiny_model_
     assert json.loads((run / "final" / "convcli.json").read_text())["reverse"] is True
 
     one_line_error(invoke(*base, "--max-steps", "2"), 1, "already holds a run")
+    # Options that fix the data order, the loss or the restored optimizer must not change.
+    resume = [*base, "--max-steps", "4", "--resume", "auto"]
+    one_line_error(invoke(*resume), 1, "trained with --reverse True (now False)")
+    one_line_error(invoke(*resume, "--reverse", "--lr", "0.5"), 1, "--learning-rate 0.0001")
+    one_line_error(invoke(*resume, "--reverse", "--batch-size", "3"), 1, "--batch-size 4 (now 3)")
     resumed = invoke(*base, "--max-steps", "4", "--reverse", "--resume", "auto")
     assert resumed.exit_code == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "trained 4 steps" in resumed.stderr
@@ -99,9 +104,9 @@ def test_train_summary_refuses_a_second_run_and_resumes(make_shards, tiny_model_
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(make_shards, tiny_model_dir, tmp_path):
-    run = tmp_path / "ddp"
+    run, data = tmp_path / "ddp", make_shards()
     result = run_cli(
-        "train", "--data", str(make_shards()), "--output", str(run),
+        "train", "--data", str(data), "--output", str(run),
         "--model", str(tiny_model_dir), "--max-steps", "3", "--batch-size", "2",
         "--val-every", "2", "--strategy", "ddp", "--devices", "2", "--accelerator", "cpu",
         timeout=300,
@@ -111,6 +116,13 @@ def test_ddp_on_two_cpu_processes(make_shards, tiny_model_dir, tmp_path):
     assert len(summaries) == 1 and summaries[0].startswith("trained 3 steps")  # rank 0 only
     assert (run / "final" / "model.safetensors").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000003.ckpt"]
+    # Its data position counts two ranks' batches: one process cannot continue it.
+    resumed = invoke("--data", data, "--output", run, "--model", tiny_model_dir, "--max-steps",
+                     "4", "--batch-size", "2", "--accelerator", "cpu", "--devices", "1",
+                     "--resume", "auto")  # fmt: skip
+    assert resumed.exit_code == 1  # found at load time, after the "training ..." line
+    assert resumed.stderr.strip().splitlines()[-1].startswith("error: --resume: the checkpoint")
+    assert "written by 2 processes, this run has 1" in resumed.stderr
 
 
 @pytest.mark.slow
