@@ -126,13 +126,25 @@ def convert_checkpoint(
     ckpt = read_checkpoint(path)
     report_progress("load", 1, 1)
     notes: list[str] = []
+    recorded_meta = _recorded_meta(ckpt)
+    recorded = _recorded_config(ckpt)
+    if recorded.get("model_type") not in (None, "gpt2"):
+        raise ConvcliError(
+            f"{path}: holds a {recorded['model_type']} model; convert handles GPT-2 "
+            "checkpoints only"
+        )
     if tok is None:
-        tok = _tokenizer(_recorded_tokenizer(ckpt, notes))
+        tok = _recorded_tokenizer(ckpt, path, notes)
+    sep = recorded_meta.get("sep_token_id")
+    if isinstance(sep, int) and sep != tok.sep_token_id:
+        raise ConvcliError(
+            f"{path} was trained with sep id {sep}, but the tokenizer's is "
+            f"{tok.sep_token_id}: not its tokenizer (wrong --tokenizer?)"
+        )
     state, dropped, origin = normalize_keys(ckpt.state, str(path))
     ckpt.state.clear()  # the renamed dict holds the tensors now: keep one reference only
     dropped += ckpt.ignored
     shape = infer_shape(state, str(path), origin)
-    recorded = _recorded_config(ckpt)
     heads = check_sizes(
         shape,
         n_head=n_head or _int(recorded.get("n_head")) or _int(hparam(ckpt.hparams, "n_head")),
@@ -182,14 +194,16 @@ def convert_checkpoint(
         reference = logits_of(model, inputs)
         model.to(target)  # parameter by parameter: the float32 copies go as we cast
 
-    token_types = bool(hparam(ckpt.hparams, "token_types")) if ckpt.kind == "lightning" else False
-    if ckpt.kind == "lightning" and hparam(ckpt.hparams, "token_types") is None:
+    recorded_types = recorded_meta.get("token_types", hparam(ckpt.hparams, "token_types"))
+    token_types = bool(recorded_types) if ckpt.kind == "lightning" else False
+    if ckpt.kind == "lightning" and recorded_types is None:
         token_types = True
         notes.append("the checkpoint does not record token_types: assumed it was trained with them")
+    recorded_reverse = recorded_meta.get("reverse", hparam(ckpt.hparams, "reverse"))
     meta = ModelMeta(
         token_types=token_types,
         sep_token_id=tok.sep_token_id,
-        reverse=reverse or bool(hparam(ckpt.hparams, "reverse")),
+        reverse=reverse or bool(recorded_reverse),
         made_by="convert",
         source=str(path),
         extra={
@@ -261,23 +275,44 @@ def _tokenizer(name: str | Path) -> ConversationTokenizer:
         raise ConvcliError(f"{exc}{hint}") from exc
 
 
-def _recorded_tokenizer(ckpt: Checkpoint, notes: list[str]) -> str:
-    """The tokenizer a train checkpoint records, else GPT-2's (a DialoGPT file records none)."""
+def _recorded_tokenizer(ckpt: Checkpoint, path: Path, notes: list[str]) -> ConversationTokenizer:
+    """The tokenizer a train checkpoint holds or names, else GPT-2's (DialoGPT records none).
+
+    `convcli train` keeps the tokenizer's files inside every checkpoint, so a run's
+    checkpoint converts even after its shards have moved.
+    """
     if ckpt.kind != "lightning":
-        return DEFAULT_TOKENIZER
+        return _tokenizer(DEFAULT_TOKENIZER)
+    if ckpt.tokenizer_files:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="convcli-tokenizer-") as tmp:
+            for name, data in ckpt.tokenizer_files.items():
+                (Path(tmp) / name).write_bytes(data)
+            return _tokenizer(tmp)
     named = hparam(ckpt.hparams, "tokenizer", "tokenizer_path", "tokenizer_name_or_path")
     if isinstance(named, (str, Path)):
-        return str(named)
+        return _tokenizer(named)
     shards = hparam(ckpt.hparams, "shards", "data")
     if isinstance(shards, (str, Path)) and (Path(shards) / "tokenizer").is_dir():
-        return str(Path(shards) / "tokenizer")
+        return _tokenizer(Path(shards) / "tokenizer")
     base = hparam(ckpt.hparams, "model_name_or_path", "base_model", "model")
     if isinstance(base, (str, Path)):
         notes.append(f"used the tokenizer of the base model {base}")
-        return str(base)
-    raise ConvcliError(
-        "the checkpoint's hyper_parameters do not name its tokenizer; pass --tokenizer"
+        return _tokenizer(base)
+    what = (
+        "a `convcli train` checkpoint from before tokenizers were kept in checkpoints, "
+        "and its shards are gone"
+        if ckpt.from_convcli
+        else "not a `convcli train` checkpoint and its hyper_parameters do not name its tokenizer"
     )
+    raise ConvcliError(f"{path}: {what}; pass --tokenizer")
+
+
+def _recorded_meta(ckpt: Checkpoint) -> dict[str, Any]:
+    """The ModelMeta fields a `convcli train` checkpoint records (token types, reverse, sep)."""
+    meta = ckpt.hparams.get("meta") if ckpt.kind == "lightning" else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def _recorded_config(ckpt: Checkpoint) -> dict[str, Any]:

@@ -41,6 +41,10 @@ class Checkpoint:
     """A Lightning checkpoint's global step."""
     mapped: bool = False
     """The tensors are memory-mapped views of the file (zip format)."""
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    """The tokenizer's files, by name, as `convcli train` keeps them in its checkpoints."""
+    from_convcli: bool = False
+    """Written by `convcli train` (its `hyper_parameters` hold settings, config and meta)."""
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -156,20 +160,38 @@ def _lightning(path: Path, raw: dict[str, Any]) -> Checkpoint:
     state = _tensors_only(path, raw["state_dict"])
     inside = {k: v for k, v in state.items() if k.startswith("model.")}
     ignored = [k for k in state if not k.startswith("model.")]
+    hparams = raw.get("hyper_parameters")
+    hparams = dict(hparams) if isinstance(hparams, dict) else {}
+    ours = all(isinstance(hparams.get(k), dict) for k in ("settings", "config", "meta"))
     if not inside:
         raise ConvcliError(
-            f"{path}: a Lightning checkpoint without a `model.` entry in its state_dict "
-            f"(the LightningModule must keep the GPT-2 model as `self.model`)"
+            f"{path}: a Lightning checkpoint, but not one of `convcli train`: its state_dict "
+            f"has no `model.` weights (it holds {_first(sorted(state))}); convert reads a "
+            "GPT-2 kept as the LightningModule's `self.model`"
         )
-    hparams = raw.get("hyper_parameters")
+    extra = raw.get("convcli") if isinstance(raw.get("convcli"), dict) else {}
+    files = extra.get("tokenizer") if isinstance(extra.get("tokenizer"), dict) else {}
     step = raw.get("global_step")
     return Checkpoint(
         state=inside,
         kind="lightning",
-        hparams=dict(hparams) if isinstance(hparams, dict) else {},
+        hparams=hparams,
         ignored=ignored,
         step=step if isinstance(step, int) else None,
+        tokenizer_files={
+            k: v for k, v in files.items() if isinstance(v, bytes) and _plain_file_name(k)
+        },
+        from_convcli=ours,
     )
+
+
+def _plain_file_name(name: object) -> bool:
+    """A bare file name: the tokenizer files are written into a folder by these names."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
+
+def _first(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def hparam(hparams: dict[str, Any], *names: str) -> Any:

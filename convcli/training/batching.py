@@ -1,10 +1,13 @@
 """Length-bucketed batches with dynamic padding, deterministic and resumable.
 
 Examples of similar length are batched together so little compute goes to padding:
-each epoch the examples are shuffled (seed + epoch), cut into pools of about
-`pool_batches` batches, each pool sorted by length and packed greedily against the
-token budget (longest example x count <= `batch_tokens`) or a fixed count, and the
-batches shuffled again. Every rank sees a distinct, equally long share of the batches.
+each epoch the examples are sorted by length, ties in a random order (seed + epoch),
+packed greedily against the token budget (longest example x count <= `batch_tokens`)
+or a fixed count, and the batches shuffled. Packing only sees the sorted lengths, so
+every epoch has the same number of batches: Lightning counts an epoch's batches once
+(and the learning-rate schedule from that count), so a later epoch with more batches
+would silently lose its last ones. Batches still mix differently each epoch among
+examples of equal length. Every rank sees a distinct, equally long share of the batches.
 A sampler can start mid-epoch (`resume_at`), so a resumed run sees exactly the data
 an uninterrupted one would.
 """
@@ -28,7 +31,6 @@ class BatchPlan:
     batch_tokens: int | None = 4096
     batch_size: int | None = None
     bucket: bool = True
-    pool_batches: int = 64
 
 
 def pack(order: Sequence[int], lengths: np.ndarray, plan: BatchPlan) -> list[list[int]]:
@@ -63,20 +65,10 @@ def epoch_batches(
         order = np.argsort(lengths, kind="stable") if plan.bucket else np.arange(n)
         return pack(order, lengths, plan)
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n)
-    if plan.bucket:
-        mean = max(1, int(lengths.mean()))
-        per_batch = plan.batch_size or max(1, (plan.batch_tokens or 1) // mean)
-        pool = max(1, per_batch * plan.pool_batches)
-        order = np.concatenate(
-            [chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in _chunks(order, pool)]
-        )
+    # By length with ties shuffled; unbucketed (benchmarks only), the batch count varies.
+    order = np.lexsort((rng.random(n), lengths)) if plan.bucket else rng.permutation(n)
     batches = pack(order, lengths, plan)
     return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:
-    return [array[i : i + size] for i in range(0, len(array), size)]
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: np.ndarray) -> float:

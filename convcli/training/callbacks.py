@@ -64,9 +64,13 @@ class Reseed(pl.Callback):
 
 
 class BestFolder(pl.Callback):
-    """Export `best/` whenever the validation loss improves (rank 0 writes)."""
+    """Export `best/` whenever the validation loss improves.
 
-    def __init__(self, export: Callable[[str, ConversationLM, pl.Trainer], None]) -> None:
+    Runs on every rank: the export gathers sharded weights collectively (rank 0 writes).
+    The validation loss is already reduced across ranks, so all ranks decide alike.
+    """
+
+    def __init__(self, export: Callable[[str, ConversationLM, pl.Trainer], Any]) -> None:
         self.export = export
         self.best: float | None = None
         self.last_val_step = -1

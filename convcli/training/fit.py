@@ -15,11 +15,10 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +26,24 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from convcli.data.shards import Shards
 from convcli.errors import ConvcliError, UsageError
-from convcli.modelfolder import ModelMeta, load_model_folder, save_model_folder
+from convcli.modelfolder import ModelMeta, load_model_folder
 from convcli.settings import to_dict, to_yaml
 from convcli.tokenizer import ConversationTokenizer
 from convcli.training.batching import BatchPlan, padding_fraction
-from convcli.training.callbacks import (
-    BestFolder,
-    Reseed,
-    StderrProgressBar,
-    StepCheckpoints,
-    step_checkpoints,
+from convcli.training.callbacks import BestFolder, Reseed, StderrProgressBar, StepCheckpoints
+from convcli.training.checks import (
+    CHECKPOINTS,
+    check_resume,
+    check_settings,
+    check_vocabulary,
+    data_identity,
+    find_checkpoint,
+    open_shards,
+    prepare_output,
 )
 from convcli.training.datamodule import ConversationData
+from convcli.training.export import FolderExport, tokenizer_files
 from convcli.training.module import ConversationLM
 from convcli.training.settings import TrainSettings
 
@@ -50,7 +53,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024},
     "medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024},
 }
-CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "train.yaml"
 
 
@@ -73,82 +75,6 @@ class TrainResult:
         import math
 
         return None if self.val_loss is None else math.exp(min(self.val_loss, 50.0))
-
-
-# -- checks ----------------------------------------------------------------------------------
-
-
-def check_settings(s: TrainSettings) -> None:
-    """Reject impossible option combinations with one line naming the option."""
-    if s.data is None:
-        raise UsageError("--data is required (a shard directory from `convcli prepare`)")
-    if s.output is None:
-        raise UsageError("--output is required (the run directory)")
-    if (s.model is None) == (s.preset is None):
-        raise UsageError("give exactly one of --model NAME_OR_PATH or --preset tiny|small|medium")
-    if s.preset is not None and s.preset not in PRESETS:
-        raise UsageError(f"--preset: unknown preset {s.preset!r} (choose {', '.join(PRESETS)})")
-    positive = {
-        "--batch-tokens": s.batch_tokens, "--accumulate": s.accumulate,
-        "--val-every": s.val_every, "--save-every": s.save_every,
-        "--keep-checkpoints": s.keep_checkpoints, "--num-nodes": s.num_nodes,
-        "--batch-size": s.batch_size or 1, "--max-steps": s.max_steps or 1,
-        "--max-epochs": s.max_epochs or 1,
-    }  # fmt: skip
-    for flag, value in positive.items():
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
-    if s.learning_rate <= 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.warmup_steps < 0:
-        raise UsageError("--learning-rate must be > 0; --weight-decay, --grad-clip, "
-                         "--warmup-steps must be >= 0")  # fmt: skip
-
-
-def open_shards(path: Path) -> tuple[Shards, ConversationTokenizer]:
-    """The shard directory and its tokenizer, checked against each other and non-empty."""
-    shards = Shards(path)
-    tokenizer = ConversationTokenizer.from_pretrained(shards.tokenizer_path)
-    recorded = (shards.manifest.get("tokenizer") or {}).get("fingerprint")
-    if recorded and recorded != tokenizer.fingerprint():
-        raise ConvcliError(
-            f"{path}: manifest does not match its tokenizer folder (fingerprint {recorded} "
-            f"in the manifest, {tokenizer.fingerprint()} on disk); run `convcli prepare` again"
-        )
-    if "train" not in shards.manifest["splits"] or not len(shards.split("train")):
-        raise ConvcliError(f"{path}: the training split is empty; nothing to train on")
-    return shards, tokenizer
-
-
-def find_checkpoint(s: TrainSettings) -> Path | None:
-    """The checkpoint to resume from: --resume auto (newest in the run) or a path."""
-    if s.resume is None:
-        return None
-    assert s.output is not None
-    if s.resume != "auto":
-        path = Path(s.resume)
-        if not path.is_file():
-            raise ConvcliError(f"--resume: checkpoint not found: {path}")
-        return path
-    found = step_checkpoints(s.output / CHECKPOINTS)
-    if not found:
-        raise ConvcliError(f"--resume auto: nothing to resume in {s.output / CHECKPOINTS}")
-    return found[-1][1]
-
-
-def prepare_output(s: TrainSettings, resuming: bool) -> None:
-    """Refuse to mix two runs in one directory; --overwrite clears the old one."""
-    assert s.output is not None
-    if s.output.exists() and not s.output.is_dir():
-        raise ConvcliError(f"--output: {s.output} is a file, not a directory")
-    old = [s.output / n for n in (CHECKPOINTS, "final", "logs") if (s.output / n).exists()]
-    if old and not resuming:
-        if not s.overwrite:
-            raise ConvcliError(
-                f"{s.output} already holds a run; pass --resume auto to continue it "
-                "or --overwrite to start over"
-            )
-        for path in [*old, s.output / "best"]:
-            shutil.rmtree(path, ignore_errors=True)
-    s.output.mkdir(parents=True, exist_ok=True)
 
 
 # -- the model -------------------------------------------------------------------------------
@@ -190,42 +116,9 @@ def start_model(
     return model.train(), meta
 
 
-def check_vocabulary(
-    model_name: str, model_tok: ConversationTokenizer, data: Any, data_tok: ConversationTokenizer
-) -> None:
-    """The shards must use the model's tokenizer, or one that only adds tokens to it."""
-    if model_tok.fingerprint() == data_tok.fingerprint():
-        return
-    data_vocab = data_tok.tokenizer.get_vocab()
-    model_vocab = model_tok.tokenizer.get_vocab()
-    if all(data_vocab.get(token) == i for token, i in model_vocab.items()):
-        return
-    raise ConvcliError(
-        f"{data} was prepared with a different tokenizer (fingerprint {data_tok.fingerprint()}) "
-        f"than the model {model_name} ({model_tok.fingerprint()}); run `convcli prepare` "
-        f"with --tokenizer {model_name}"
-    )
-
-
 def context_length(model: torch.nn.Module) -> int | None:
     config = model.config  # type: ignore[attr-defined]
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
-def check_checkpoint(path: Path, config: dict[str, Any]) -> None:
-    """A clear line when the checkpoint is not ours or belongs to another model shape."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as exc:
-        raise ConvcliError(f"--resume: {path} is not a readable checkpoint: {exc}") from None
-    saved = (checkpoint.get("hyper_parameters") or {}).get("config")
-    if not isinstance(saved, dict):
-        raise ConvcliError(f"--resume: {path} is not a convcli training checkpoint")
-    keys = ("model_type", "vocab_size", "n_layer", "n_embd", "n_head")
-    differ = [k for k in keys if saved.get(k) != config.get(k)]
-    if differ:
-        what = ", ".join(f"{k} {saved.get(k)} vs {config.get(k)}" for k in differ)
-        raise ConvcliError(f"--resume: {path} belongs to a different model ({what})")
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -299,7 +192,7 @@ def train(
     check_settings(s)
     assert s.data is not None and s.output is not None
     say = report if report and _rank_zero_before_launch() else (lambda _: None)
-    _, tokenizer = open_shards(s.data)
+    shards, tokenizer = open_shards(s.data)
     checkpoint = find_checkpoint(s)
     if _rank_zero_before_launch():
         prepare_output(s, resuming=checkpoint is not None)
@@ -308,9 +201,11 @@ def train(
     pl.seed_everything(s.seed, workers=True, verbose=False)
     model, meta = start_model(s, tokenizer)
     config = model.config.to_dict()  # type: ignore[attr-defined]
+    identity = data_identity(shards)
     if checkpoint is not None:
-        check_checkpoint(checkpoint, config)
+        check_resume(checkpoint, s, config, meta.token_types, identity)
     module = ConversationLM(to_dict(s), config, to_dict(meta), model=model)
+    module.tokenizer_files, module.data_identity = tokenizer_files(tokenizer), identity
     plan = BatchPlan(batch_tokens=s.batch_tokens, batch_size=s.batch_size)
     data = ConversationData(
         s.data, sep_id=tokenizer.sep_token_id, pad_id=tokenizer.pad_token_id, plan=plan,
@@ -329,22 +224,9 @@ def train(
 
     yaml_text = to_yaml(s, header="convcli train: the resolved settings of this model")
 
-    def export(name: str, module: ConversationLM, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero:
-            return
-        folder_meta = replace(
-            meta,
-            extra={
-                "step": trainer.global_step,
-                "train_on": s.train_on,
-                "val_loss": module.val_loss,
-            },
-        )
-        save_model_folder(
-            module.model, tokenizer, folder_meta, s.output / name,  # type: ignore[arg-type, operator]
-            overwrite=True, extra_files={CONFIG_FILE: yaml_text},
-        )  # fmt: skip
-
+    export = FolderExport(
+        s.output, tokenizer, meta, train_on=s.train_on, extra_files={CONFIG_FILE: yaml_text}
+    )
     best = BestFolder(export)
     has_valid = data.valid is not None
     max_epochs = s.max_epochs if s.max_epochs is not None else (1 if s.max_steps is None else -1)

@@ -42,6 +42,11 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return max(0.0, (total - step) / (total - warmup))
 
 
+def plain_name(name: str) -> str:
+    """A parameter name without the wrapper modules FSDP and activation checkpointing insert."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 class ConversationLM(pl.LightningModule):
     """Fine-tunes (or trains from scratch) a Hugging Face causal LM on conversations."""
 
@@ -59,6 +64,8 @@ class ConversationLM(pl.LightningModule):
 
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
         self.model = model
+        # Decided now, on the real shapes: under FSDP the parameters later are flat shards.
+        self.no_decay = {plain_name(n) for n, p in model.named_parameters() if p.ndim < 2}
         self.settings = settings
         self.token_types = bool(meta["token_types"])
         # Not in state_dict (its keys are the HF model's); saved in the checkpoint by hand.
@@ -67,6 +74,9 @@ class ConversationLM(pl.LightningModule):
         self.register_buffer("val_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("val_count", torch.zeros((), dtype=torch.long), persistent=False)
         self.val_loss: float | None = None
+        # Saved in every checkpoint so a .ckpt converts without the run (`convcli convert`).
+        self.tokenizer_files: dict[str, bytes] = {}
+        self.data_identity: dict[str, Any] = {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.model(
@@ -116,11 +126,12 @@ class ConversationLM(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         s = self.settings
         # No decay on biases and LayerNorm weights: the 1-D parameters.
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(plain_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": s["weight_decay"]},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
+            {"params": [p for n, p in named if n not in self.no_decay],
+             "weight_decay": s["weight_decay"]},
+            {"params": [p for n, p in named if n in self.no_decay], "weight_decay": 0.0},
+        ]  # fmt: skip
         optimizer = torch.optim.AdamW(groups, lr=s["learning_rate"])
         total = int(self.trainer.estimated_stepping_batches)
         warmup, schedule = s["warmup_steps"], s["schedule"]
@@ -132,13 +143,41 @@ class ConversationLM(pl.LightningModule):
         schedule_step = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule_step}
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning refuses norm clipping under FSDP; FSDP's own clip sees every shard.
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # type: ignore[union-attr]
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def total_tokens(self) -> int:
         """Input tokens trained on so far, all ranks (a collective: call on every rank)."""
         here = self.trainer.strategy.reduce(self.tokens_seen.clone(), reduce_op="sum")
         return self.tokens_before + int(here)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["convcli"] = {"tokens": self.total_tokens()}
+        checkpoint["convcli"] = {
+            "tokens": self.total_tokens(),
+            "tokenizer": self.tokenizer_files,
+            "data": self.data_identity,
+            "world_size": self.trainer.world_size,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_before = int(checkpoint.get("convcli", {}).get("tokens", 0))
+        saved = checkpoint.get("convcli", {})
+        self.tokens_before = int(saved.get("tokens", 0))
+        world = saved.get("world_size")
+        if world is not None and self._trainer is not None and world != self.trainer.world_size:
+            # The saved data position counts this many ranks' batches: another count
+            # would silently skip or repeat data.
+            raise ConvcliError(
+                f"--resume: the checkpoint was written by {world} processes, this run has "
+                f"{self.trainer.world_size}; resume with the same --devices and --num-nodes"
+            )

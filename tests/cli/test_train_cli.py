@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -89,6 +92,11 @@ def test_train_summary_refuses_a_second_run_and_resumes(make_shards, tiny_model_
     assert json.loads((run / "final" / "convcli.json").read_text())["reverse"] is True
 
     one_line_error(invoke(*base, "--max-steps", "2"), 1, "already holds a run")
+    # Options that fix the data order, the loss or the restored optimizer must not change.
+    resume = [*base, "--max-steps", "4", "--resume", "auto"]
+    one_line_error(invoke(*resume), 1, "trained with --reverse True (now False)")
+    one_line_error(invoke(*resume, "--reverse", "--lr", "0.5"), 1, "--learning-rate 0.0001")
+    one_line_error(invoke(*resume, "--reverse", "--batch-size", "3"), 1, "--batch-size 4 (now 3)")
     resumed = invoke(*base, "--max-steps", "4", "--reverse", "--resume", "auto")
     assert resumed.exit_code == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "trained 4 steps" in resumed.stderr
@@ -96,9 +104,9 @@ def test_train_summary_refuses_a_second_run_and_resumes(make_shards, tiny_model_
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(make_shards, tiny_model_dir, tmp_path):
-    run = tmp_path / "ddp"
+    run, data = tmp_path / "ddp", make_shards()
     result = run_cli(
-        "train", "--data", str(make_shards()), "--output", str(run),
+        "train", "--data", str(data), "--output", str(run),
         "--model", str(tiny_model_dir), "--max-steps", "3", "--batch-size", "2",
         "--val-every", "2", "--strategy", "ddp", "--devices", "2", "--accelerator", "cpu",
         timeout=300,
@@ -108,3 +116,49 @@ def test_ddp_on_two_cpu_processes(make_shards, tiny_model_dir, tmp_path):
     assert len(summaries) == 1 and summaries[0].startswith("trained 3 steps")  # rank 0 only
     assert (run / "final" / "model.safetensors").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000003.ckpt"]
+    # Its data position counts two ranks' batches: one process cannot continue it.
+    resumed = invoke("--data", data, "--output", run, "--model", tiny_model_dir, "--max-steps",
+                     "4", "--batch-size", "2", "--accelerator", "cpu", "--devices", "1",
+                     "--resume", "auto")  # fmt: skip
+    assert resumed.exit_code == 1  # found at load time, after the "training ..." line
+    assert resumed.stderr.strip().splitlines()[-1].startswith("error: --resume: the checkpoint")
+    assert "written by 2 processes, this run has 1" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_exports_the_gathered_weights(make_shards, tmp_path):
+    # Lightning refuses `--strategy fsdp` on CPU; fsdp_cpu.py adapts only what CPU needs.
+    import torch
+    from safetensors.torch import load_file
+
+    from convcli.convert import convert_checkpoint
+    from tests.conftest import REPO
+
+    run = tmp_path / "fsdp"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "training" / "fsdp_cpu.py"), "train",
+         "--data", str(make_shards()), "--output", str(run), "--preset", "tiny",
+         "--max-steps", "4", "--batch-size", "2", "--val-every", "2", "--save-every", "4",
+         "--strategy", "fsdp_cpu", "--devices", "2", "--accelerator", "cpu"],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [ln for ln in result.stderr.splitlines() if ln.startswith("trained 4 steps")]
+
+    ckpt = torch.load(run / "checkpoints" / "step-0000004.ckpt", weights_only=True)
+    saved = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    final = load_file(str(run / "final" / "model.safetensors"))
+    assert set(final) == set(saved) - {"lm_head.weight"}  # tied to wte
+    for key, tensor in final.items():
+        assert torch.equal(tensor, saved[key]), key
+    assert load_file(str(run / "best" / "model.safetensors")).keys() == final.keys()
+
+    # Weight decay on the 2-D weights only, decided before FSDP flattened them.
+    decay, no_decay = ckpt["optimizer_states"][0]["param_groups"]
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    assert len(decay["params"]) == sum(t.ndim == 2 for t in final.values())
+    assert len(no_decay["params"]) == sum(t.ndim == 1 for t in final.values())
+
+    convert_checkpoint(run / "checkpoints" / "step-0000004.ckpt", tmp_path / "converted")
+    converted = load_file(str(tmp_path / "converted" / "model.safetensors"))
+    assert all(torch.equal(converted[k], final[k]) for k in final)

@@ -67,3 +67,16 @@ def test_resume_mid_epoch_yields_exactly_the_rest():
     resumed.resume_at(2, 7)
     assert list(resumed) == expected[7:]
     assert len(list(resumed)) == len(expected)  # the skip applies to one pass only
+
+
+def test_every_epoch_has_as_many_batches_as_lightning_counted():
+    # Lightning reads len(sampler) once; an epoch with more batches would lose its tail.
+    lengths = np.random.default_rng(0).integers(5, 300, size=3000)
+    sampler = BucketBatchSampler(lengths, BatchPlan(batch_tokens=1024), seed=1)
+    counted = len(sampler)
+    for epoch in range(1, 6):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == counted
+        assert sorted(i for b in batches for i, _ in b) == list(range(len(lengths)))
+    assert list(sampler) != [b for b in BucketBatchSampler(lengths, BatchPlan(1024), seed=1)]

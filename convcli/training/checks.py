@@ -1,0 +1,176 @@
+"""Input checks of `convcli train`: options, shards, output directory, resume checkpoint.
+
+Each refuses a bad input with one line naming the option or the file, before any
+model is built or any process is launched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from convcli.data.shards import Shards
+from convcli.errors import ConvcliError, UsageError
+from convcli.tokenizer import ConversationTokenizer
+from convcli.training.callbacks import step_checkpoints
+from convcli.training.settings import PRESETS as PRESET_NAMES
+from convcli.training.settings import TrainSettings
+
+CHECKPOINTS = "checkpoints"
+# Settings that fix the data order and the loss: a resumed run with other values
+# would not continue the same run.
+SAME_ON_RESUME = ("train_on", "reverse", "batch_tokens", "batch_size", "seed", "accumulate")
+# Restored from the checkpoint's optimizer state, so a new value would be ignored.
+RESTORED_ON_RESUME = ("learning_rate", "weight_decay")
+
+
+def check_settings(s: TrainSettings) -> None:
+    """Reject impossible option combinations with one line naming the option."""
+    if s.data is None:
+        raise UsageError("--data is required (a shard directory from `convcli prepare`)")
+    if s.output is None:
+        raise UsageError("--output is required (the run directory)")
+    if (s.model is None) == (s.preset is None):
+        raise UsageError("give exactly one of --model NAME_OR_PATH or --preset tiny|small|medium")
+    if s.preset is not None and s.preset not in PRESET_NAMES:
+        choose = ", ".join(PRESET_NAMES)
+        raise UsageError(f"--preset: unknown preset {s.preset!r} (choose {choose})")
+    positive = {
+        "--batch-tokens": s.batch_tokens, "--accumulate": s.accumulate,
+        "--val-every": s.val_every, "--save-every": s.save_every,
+        "--keep-checkpoints": s.keep_checkpoints, "--num-nodes": s.num_nodes,
+        "--batch-size": s.batch_size or 1, "--max-steps": s.max_steps or 1,
+        "--max-epochs": s.max_epochs or 1,
+    }  # fmt: skip
+    for flag, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if s.learning_rate <= 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.warmup_steps < 0:
+        raise UsageError("--learning-rate must be > 0; --weight-decay, --grad-clip, "
+                         "--warmup-steps must be >= 0")  # fmt: skip
+
+
+def open_shards(path: Path) -> tuple[Shards, ConversationTokenizer]:
+    """The shard directory and its tokenizer, checked against each other and non-empty."""
+    shards = Shards(path)
+    tokenizer = ConversationTokenizer.from_pretrained(shards.tokenizer_path)
+    recorded = (shards.manifest.get("tokenizer") or {}).get("fingerprint")
+    if recorded and recorded != tokenizer.fingerprint():
+        raise ConvcliError(
+            f"{path}: manifest does not match its tokenizer folder (fingerprint {recorded} "
+            f"in the manifest, {tokenizer.fingerprint()} on disk); run `convcli prepare` again"
+        )
+    if "train" not in shards.manifest["splits"] or not len(shards.split("train")):
+        raise ConvcliError(f"{path}: the training split is empty; nothing to train on")
+    return shards, tokenizer
+
+
+def find_checkpoint(s: TrainSettings) -> Path | None:
+    """The checkpoint to resume from: --resume auto (newest in the run) or a path."""
+    if s.resume is None:
+        return None
+    assert s.output is not None
+    if s.resume != "auto":
+        path = Path(s.resume)
+        if not path.is_file():
+            raise ConvcliError(f"--resume: checkpoint not found: {path}")
+        return path
+    found = step_checkpoints(s.output / CHECKPOINTS)
+    if not found:
+        raise ConvcliError(f"--resume auto: nothing to resume in {s.output / CHECKPOINTS}")
+    return found[-1][1]
+
+
+def prepare_output(s: TrainSettings, resuming: bool) -> None:
+    """Refuse to mix two runs in one directory; --overwrite clears the old one."""
+    assert s.output is not None
+    if s.output.exists() and not s.output.is_dir():
+        raise ConvcliError(f"--output: {s.output} is a file, not a directory")
+    old = [s.output / n for n in (CHECKPOINTS, "final", "logs") if (s.output / n).exists()]
+    if old and not resuming:
+        if not s.overwrite:
+            raise ConvcliError(
+                f"{s.output} already holds a run; pass --resume auto to continue it "
+                "or --overwrite to start over"
+            )
+        for path in [*old, s.output / "best"]:
+            shutil.rmtree(path, ignore_errors=True)
+    s.output.mkdir(parents=True, exist_ok=True)
+
+
+def check_vocabulary(
+    model_name: str, model_tok: ConversationTokenizer, data: Any, data_tok: ConversationTokenizer
+) -> None:
+    """The shards must use the model's tokenizer, or one that only adds tokens to it."""
+    if model_tok.fingerprint() == data_tok.fingerprint():
+        return
+    data_vocab = data_tok.tokenizer.get_vocab()
+    model_vocab = model_tok.tokenizer.get_vocab()
+    if all(data_vocab.get(token) == i for token, i in model_vocab.items()):
+        return
+    raise ConvcliError(
+        f"{data} was prepared with a different tokenizer (fingerprint {data_tok.fingerprint()}) "
+        f"than the model {model_name} ({model_tok.fingerprint()}); run `convcli prepare` "
+        f"with --tokenizer {model_name}"
+    )
+
+
+def data_identity(shards: Shards) -> dict[str, Any]:
+    """What identifies a shard directory's training data (paths may move, this does not)."""
+    split = shards.split("train")
+    return {
+        "train_examples": len(split),
+        "train_tokens": int(split.lengths().sum()),
+        "tokenizer": (shards.manifest.get("tokenizer") or {}).get("fingerprint"),
+    }
+
+
+def check_resume(
+    path: Path,
+    s: TrainSettings,
+    config: dict[str, Any],
+    token_types: bool,
+    data: dict[str, Any],
+) -> None:
+    """Refuse a checkpoint that would not continue this run: another model, data or options."""
+    from convcli.conversion.checkpoint import load_weights_only
+
+    try:
+        checkpoint = load_weights_only(path)  # tensors and plain values only, like Lightning
+    except ConvcliError as exc:
+        raise ConvcliError(f"--resume: {exc}") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("config"), dict):
+        raise ConvcliError(f"--resume: {path} is not a convcli training checkpoint")
+    saved = hparams["config"]
+    keys = ("model_type", "vocab_size", "n_layer", "n_embd", "n_head")
+    differ = [k for k in keys if saved.get(k) != config.get(k)]
+    if differ:
+        what = ", ".join(f"{k} {saved.get(k)} vs {config.get(k)}" for k in differ)
+        raise ConvcliError(f"--resume: {path} belongs to a different model ({what})")
+
+    old = hparams.get("settings") or {}
+    now = vars(s)
+    changed = [k for k in (*SAME_ON_RESUME, *RESTORED_ON_RESUME) if k in old and old[k] != now[k]]
+    if old.get("batch_size") is not None and s.batch_size is not None and "batch_tokens" in changed:
+        changed.remove("batch_tokens")  # unused with a fixed batch size
+    old_types = (hparams.get("meta") or {}).get("token_types")
+    if old_types is not None and old_types != token_types:
+        changed.append("token_types")
+    if changed:
+        what = ", ".join(
+            f"--{k.replace('_', '-')} {old.get(k, old_types)} (now {now.get(k, token_types)})"
+            for k in changed
+        )
+        raise ConvcliError(
+            f"--resume: {path} was trained with {what}; resume with the same options, or "
+            "`convcli convert` it and start a new run from that folder with --model"
+        )
+    old_data = (checkpoint.get("convcli") or {}).get("data")
+    if old_data and old_data != data:
+        raise ConvcliError(
+            f"--resume: {path} was trained on other data ({old_data.get('train_examples')} "
+            f"training examples, {old_data.get('train_tokens')} tokens) than --data {s.data} "
+            f"({data['train_examples']} examples, {data['train_tokens']} tokens)"
+        )
