@@ -15,7 +15,6 @@ renamed into place at the end (`write_atomically`).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import multiprocessing
 import os
 import time
@@ -190,34 +189,36 @@ class Encoder:
         keys: list[bytes] = []
         texts: list[str] = []  # every turn of every dialogue, for one batched tokenizer call
         turn_counts: list[int] = []
-        weighted: list[bool] = []  # per turn: it has a non-zero weight
+        unweighted: list[int] = []  # turns (indices into texts) of weight 0
         for record in parse_chunk(chunk):
             if isinstance(record, BadRecord):
                 bad.append(record)
                 continue
             keys.append(dialogue_key(record.turns))
+            if record.weights is not None:
+                unweighted += [len(texts) + i for i, w in enumerate(record.weights) if w == 0]
             texts += record.turns
             turn_counts.append(len(record.turns))
-            if record.weights is None:
-                weighted += [True] * len(record.turns)
-            else:
-                weighted += [w != 0 for w in record.weights]
+        ids, lengths = self.tokenizer.encode_turns_flat(texts)
+        weighted = np.ones(len(texts), dtype=bool)
+        weighted[unweighted] = False
         valid = np.array([is_valid(k, self.valid_fraction) for k in keys], dtype=bool)
         laid = lay_out(
-            self.tokenizer.encode_turns(texts),
+            np.array(ids, dtype=self.dtype),
+            np.array(lengths, dtype=np.int64),
             np.array(turn_counts, dtype=np.int64),
-            np.array(weighted, dtype=bool),
+            weighted,
             valid,
             sep=self.sep,
             max_length=self.max_length,
             skip_long=self.long_turn == "skip",
-            dtype=self.dtype,
         )
         return Encoded(bad, keys if self.dedupe else None, valid, *laid)
 
 
 def lay_out(
-    turn_ids: Sequence[Sequence[int]],
+    ids: np.ndarray,
+    turn_lengths: np.ndarray,
     turn_counts: np.ndarray,
     weighted: np.ndarray,
     valid: np.ndarray,
@@ -225,37 +226,35 @@ def lay_out(
     sep: int,
     max_length: int,
     skip_long: bool,
-    dtype: np.dtype,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Arrays]]:
     """Lay out tokenized dialogues as examples, per split, with numpy (no work per token).
 
-    `turn_ids` are the turns of all dialogues in order, `turn_counts` the turns of each
-    dialogue, `weighted` per turn, `valid` per dialogue. Each example is exactly
-    `convcli.tokenizer.layout` of its turns; the loss flags of a window of a long
-    dialogue mark only the turns no earlier window trained (see `sliding_windows`).
+    `ids` are the token ids of all turns of all dialogues, one after the other, and
+    `turn_lengths` the tokens of each turn; `turn_counts` the turns of each dialogue,
+    `weighted` per turn (it has a non-zero weight), `valid` per dialogue. Each example
+    is exactly `convcli.tokenizer.layout` of its turns; the loss flags of a window of a
+    long dialogue mark only the turns no earlier window trained (see `sliding_windows`).
 
     Returns per dialogue: examples made, skipped for a long turn, turns truncated; and per
     split (ids, types, mask, example lengths).
     """
     dialogues = len(turn_counts)
     if not dialogues:
-        empty = (np.zeros(0, dtype), *(np.zeros(0, np.uint8),) * 2, np.zeros(0, np.int64))
+        empty = (ids, *(np.zeros(0, np.uint8),) * 2, np.zeros(0, np.int64))
         nothing = np.zeros(0, np.int64)
         return nothing, nothing.astype(bool), nothing, dict.fromkeys(SPLITS, empty)
-    full = np.fromiter(map(len, turn_ids), np.int64, len(turn_ids))  # tokens per turn
-    flat = np.fromiter(itertools.chain.from_iterable(turn_ids), dtype, int(full.sum()))
-    offsets = np.cumsum(full) - full  # where each turn starts in `flat`
+    offsets = np.cumsum(turn_lengths) - turn_lengths  # where each turn starts in `ids`
     first = np.cumsum(turn_counts) - turn_counts  # each dialogue's first turn
     limit = max_length - 2  # a turn alone: sep, tokens, sep
-    over = full > limit
+    over = turn_lengths > limit
     if skip_long:
         too_long = np.logical_or.reduceat(over, first)
         truncated = np.zeros(dialogues, np.int64)
-        lengths = full
+        lengths = turn_lengths
     else:
         too_long = np.zeros(dialogues, bool)
         truncated = np.add.reduceat(over.astype(np.int64), first)
-        lengths = np.minimum(full, limit)  # a truncated turn keeps its start
+        lengths = np.minimum(turn_lengths, limit)  # a truncated turn keeps its start
     fits = np.add.reduceat(lengths, first) + turn_counts + 1 <= max_length
 
     # One example per dialogue that fits: all its turns, all trainable (new = its first turn).
@@ -282,7 +281,7 @@ def lay_out(
         take = valid[owner] == (split == "valid")
         arrays[split] = _examples(
             start[take], stop[take], new[take], first[owner[take]],
-            flat, offsets, lengths, weighted, sep, dtype,
+            ids, offsets, lengths, weighted, sep,
         )  # fmt: skip
     return examples, too_long, truncated, arrays
 
@@ -297,7 +296,6 @@ def _examples(
     lengths: np.ndarray,
     weighted: np.ndarray,
     sep: int,
-    dtype: np.dtype,
 ) -> Arrays:
     """The flat arrays of examples given as turn ranges [start, stop) (see `lay_out`).
 
@@ -320,11 +318,11 @@ def _examples(
     mask = np.repeat(np.insert(flags, begins, 0), np.insert(size + 1, begins, 1))
     # ids: sep everywhere, then each turn's tokens after its sep.
     example_lengths = np.add.reduceat(size + 1, begins) + 1 if len(n) else np.zeros(0, np.int64)
-    ids = np.full(len(types), sep, dtype)
+    out = np.full(len(types), sep, flat.dtype)
     segment = np.cumsum(size + 1) - size - 1 + np.repeat(np.arange(len(n)), n)  # each turn's sep
     within = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
-    ids[np.repeat(segment + 1, size) + within] = flat[np.repeat(offsets[turn], size) + within]
-    return ids, types.astype(np.uint8), mask.astype(np.uint8), example_lengths.astype(np.int64)
+    out[np.repeat(segment + 1, size) + within] = flat[np.repeat(offsets[turn], size) + within]
+    return out, types.astype(np.uint8), mask.astype(np.uint8), example_lengths.astype(np.int64)
 
 
 _WORKER: Encoder | None = None
