@@ -197,6 +197,9 @@ class Corpus:
                     self._done_bytes += path.stat().st_size
 
     def _file_chunks(self, path: Path, stream: BinaryIO, size: int) -> Iterator[Chunk | BadRecord]:
+        """One file's chunks. Leading blank lines are dropped (no format has a record in
+        them); the first other line tells the format. Records are as if the file were read
+        line by line: a read error comes after the whole lines before it."""
         source = str(path)
         format = None if self.format == "auto" else self.format
         weighted: bool | None = None  # TSV: decided by the first good line of the file
