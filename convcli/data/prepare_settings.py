@@ -39,8 +39,7 @@ class PrepareSettings:
     """Fraction of dialogues for the validation split, chosen by a hash of each dialogue."""
 
     dedupe: bool = False
-    """Drop exact duplicate dialogues (same turns), keeping the first. Keeps a key per distinct
-    dialogue in memory (about 100 MB per million dialogues)."""
+    """Drop exact duplicate dialogues (same turns), keeping the first."""
 
     on_error: Literal["strict", "skip"] = "strict"
     """A bad input line: stop with file:line (strict) or skip it and count it by reason."""
