@@ -68,6 +68,10 @@ def test_encode_turns_fast_path_matches_the_hf_call(which, request):
     ]
     slow = tokenizer.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
     assert tokenizer.encode_turns(texts) == slow["input_ids"]
+    flat, lengths = tokenizer.encode_turns_flat(texts)
+    assert lengths == [len(ids) for ids in slow["input_ids"]]
+    assert flat == [i for ids in slow["input_ids"] for i in ids]
+    assert tokenizer.encode_turns_flat([]) == ([], [])
     # The backend's own flag is left as it was: plain HF calls still see special tokens.
     assert tokenizer.tokenizer("<|endoftext|>", add_special_tokens=False)["input_ids"] == [
         tokenizer.tokenizer.convert_tokens_to_ids("<|endoftext|>")

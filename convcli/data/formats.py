@@ -11,13 +11,16 @@ record stops the run (strict) or is skipped and counted by `reason`.
 - Text: one turn per line, dialogues separated by blank lines.
 
 Turns are stripped of surrounding whitespace. Blank lines in JSONL and TSV are ignored.
+
+Reading and parsing are two steps so that parsing can run in other processes:
+`Corpus.chunks` reads files as raw `Chunk`s of whole lines (cheap: no decoding) and
+`parse_chunk` turns a chunk into records. Iterating a `Corpus` does both, in order.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
-import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,6 +39,7 @@ EXTENSIONS = {
     ".txt": "text",
 }
 TSV_TURN_SEPARATOR = " EOS "
+CHUNK_BYTES = 1 << 18  # raw bytes per Chunk (about 4k short turns)
 _WEIGHT = re.compile(r"([0-9]*\.[0-9]+) (.*)", re.DOTALL)
 
 # Why a record was skipped: the keys of the manifest's `skipped` counts.
@@ -79,6 +83,30 @@ class BadRecord:
 
 
 Record = Dialogue | BadRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Whole lines of one file, as read (not decoded); `parse_chunk` makes records of them.
+
+    Small and picklable, so parsing can happen in a worker process. In the text format a
+    chunk ends after a blank line: no dialogue spans two chunks.
+    """
+
+    source: str
+    format: str
+    line: int  # the number of the first line of `data`
+    data: bytes
+    weighted: bool | None = None  # TSV: the file's turns carry weights (None: not yet known)
+    error: BadRecord | None = None  # the file could not be read past these lines
+
+
+def parse_chunk(chunk: Chunk) -> Iterator[Record]:
+    """The records of a chunk's lines, in order (the same as reading them as part of a file)."""
+    lines = _chunk_lines(chunk)
+    if chunk.format == "tsv":
+        return _read_tsv(lines, chunk.source, chunk.weighted)
+    return {"jsonl": _read_jsonl, "text": _read_text}[chunk.format](lines, chunk.source)
 
 
 def detect_format(path: Path, first_line: str = "") -> str:
@@ -142,6 +170,15 @@ class Corpus:
         return self._done_bytes + current
 
     def __iter__(self) -> Iterator[Record]:
+        for item in self.chunks():
+            if isinstance(item, BadRecord):
+                yield item
+            else:
+                yield from parse_chunk(item)
+
+    def chunks(self, size: int = CHUNK_BYTES) -> Iterator[Chunk | BadRecord]:
+        """The files as chunks of about `size` bytes, in order, with a `BadRecord` for
+        each missing, empty or unreadable file where its records would be."""
         for pattern in self.missing:
             what = "no file matches" if glob.has_magic(pattern) else REASONS["missing-file"]
             if Path(pattern).is_dir():
@@ -151,50 +188,126 @@ class Corpus:
             with open(path, "rb") as raw:
                 self._handle = raw
                 try:
-                    yield from self._read(path, raw)
+                    gzipped = raw.read(2) == b"\x1f\x8b"
+                    raw.seek(0)
+                    stream = gzip.GzipFile(fileobj=raw) if gzipped else raw
+                    yield from self._file_chunks(path, stream, size)  # type: ignore[arg-type]
                 finally:
                     self._handle = None
                     self._done_bytes += path.stat().st_size
 
-    def _read(self, path: Path, raw: BinaryIO) -> Iterator[Record]:
+    def _file_chunks(self, path: Path, stream: BinaryIO, size: int) -> Iterator[Chunk | BadRecord]:
+        """One file's chunks. Leading blank lines are dropped (no format has a record in
+        them); the first other line tells the format. Records are as if the file were read
+        line by line: a read error comes after the whole lines before it."""
         source = str(path)
-        gzipped = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
-        stream: BinaryIO = gzip.GzipFile(fileobj=raw) if gzipped else raw  # type: ignore[assignment]
-        lines = _numbered_lines(stream, source)
-        head: list[Line] = []  # up to the first non-blank line, which tells the format
-        for item in lines:
-            head.append(item)
-            if not isinstance(item[1], str) or item[1].strip():
+        format = None if self.format == "auto" else self.format
+        weighted: bool | None = None  # TSV: decided by the first good line of the file
+        head = True  # only blank lines so far: they hold no record, the format is unknown
+        any_line = False
+        last_blank = b""
+        line = 1  # the number of the first line in `pending`
+        pending = bytearray()  # read, not yet in a chunk
+        searched = 0  # text: `pending[:searched]` has no blank line to cut after
+        while True:
+            error: BadRecord | None = None
+            try:
+                # read1: what was read before a .gz turns out corrupt is kept (read() loses it).
+                piece = stream.read1(size)
+            except (OSError, EOFError) as exc:  # a corrupt or truncated .gz
+                piece, error = b"", BadRecord("unreadable", f"cannot read: {exc}", source)
+            pending += piece
+            if piece and len(pending) - searched < size:
+                continue
+            # Whole lines; at the end of the file the last line needs no newline, but after a
+            # read error a partial line is dropped (as reading line by line would).
+            whole = len(pending) if not piece and error is None else pending.rfind(b"\n") + 1
+            any_line = any_line or whole > 0
+            if head:
+                first = _first_line_not_blank(pending[:whole], line, source)
+                if first is not None or error is not None:
+                    head = False
+                    format = format or detect_format(path, first if isinstance(first, str) else "")
+                    self.formats[source] = format
+                elif whole:
+                    last_blank = pending[:whole].removesuffix(b"\n").rpartition(b"\n")[2]
+                    line += pending.count(b"\n", 0, whole)
+                    del pending[:whole]
+                    whole = 0
+            if format == "tsv" and weighted is None:
+                weighted = _tsv_weighted(pending[:whole], line, source)
+            cut = whole
+            if format == "text" and piece:  # keep dialogues whole: cut after a blank line
+                cut = _after_last_blank_line(pending, whole, searched)
+                searched = whole - cut
+            if format is not None and (cut or error):
+                lines = pending.count(b"\n", 0, cut)
+                if error is not None:
+                    error = BadRecord(error.reason, error.message, source, line + lines)
+                yield Chunk(source, format, line, bytes(pending[:cut]), weighted, error)
+                line += lines
+                del pending[:cut]
+            if not piece:
                 break
-        if not head:
-            yield BadRecord("empty-file", REASONS["empty-file"], source)
-            return
-        format = self.format
-        if format == "auto":
-            sniff = head[-1][1]
-            format = detect_format(path, sniff if isinstance(sniff, str) else "")
-        self.formats[source] = format
-        reader = {"jsonl": _read_jsonl, "tsv": _read_tsv, "text": _read_text}[format]
-        count = 0
-        for record in reader(itertools.chain(head, lines), source):
-            count += 1
-            yield record
-        if not count:
-            yield BadRecord("empty-file", f"{REASONS['empty-file']} (only blank lines)", source)
+        if head and error is None:
+            if any_line:  # the format as the last blank line tells it
+                self.formats[source] = format or detect_format(path, last_blank.decode())
+            what = REASONS["empty-file"] + ("" if not any_line else " (only blank lines)")
+            yield BadRecord("empty-file", what, source)
+
+
+def _first_line_not_blank(data: bytes, number: int, source: str) -> str | BadRecord | None:
+    """The first line of `data` that is not blank (decoded, or why it cannot be), if any."""
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        text = _decode(data[start:end], number, source)
+        if not isinstance(text, str) or text.strip():
+            return text
+        start, number = end + 1, number + 1
+    return None
+
+
+def _tsv_weighted(data: bytes, number: int, source: str) -> bool | None:
+    """Whether the first good TSV line of `data` (if any) has a weight on every turn."""
+    for offset, raw in enumerate(data.split(b"\n")):
+        text = _decode(raw, number + offset, source)
+        if isinstance(text, str) and text.strip() and text.count("\t") == 1:
+            return all(_weights(_tsv_turns(text)))
+    return None
+
+
+def _after_last_blank_line(data: bytearray, end: int, searched: int) -> int:
+    """The offset just after the last line of `data[:end]` that is blank for sure (0: none).
+
+    Lines before `searched` are known not to be blank. Only lines of ASCII whitespace are
+    taken; a line blank by Unicode's rules alone (U+3000) is not a place to cut, which is
+    safe: the chunk just gets longer.
+    """
+    stop = data.rfind(b"\n", 0, end)  # the newline that ends the line looked at
+    while stop >= searched:
+        start = data.rfind(b"\n", 0, stop) + 1
+        if not data[start:stop].strip():
+            return stop + 1
+        stop = start - 1
+    return 0
 
 
 Line = tuple[int, "str | BadRecord"]
 
 
-def _numbered_lines(stream: BinaryIO, source: str) -> Iterator[Line]:
-    """(line number, text) for each line, or a BadRecord for an undecodable line."""
-    number = 0
-    try:
-        for number, data in enumerate(stream, 1):
-            yield number, _decode(data, number, source)
-    except (OSError, EOFError) as exc:  # a corrupt or truncated .gz
-        yield number + 1, BadRecord("unreadable", f"cannot read: {exc}", source, number + 1)
+def _chunk_lines(chunk: Chunk) -> Iterator[Line]:
+    """(line number, text) for each line of a chunk, or a BadRecord for an undecodable line;
+    then the chunk's read error, if any."""
+    if chunk.data:
+        lines = chunk.data.split(b"\n")
+        if chunk.data.endswith(b"\n"):
+            lines.pop()
+        for number, data in enumerate(lines, chunk.line):
+            yield number, _decode(data, number, chunk.source)
+    if chunk.error is not None:
+        yield chunk.error.line or 0, chunk.error
 
 
 def _decode(data: bytes, number: int, source: str) -> str | BadRecord:
@@ -250,26 +363,37 @@ def _read_jsonl(lines: Iterator[Line], source: str) -> Iterator[Record]:
         yield _check_turns(turns, None, source, number)
 
 
-def _read_tsv(lines: Iterator[Line], source: str) -> Iterator[Record]:
-    weighted: bool | None = None  # decided by the first good line of the file
+def _tsv_turns(text: str) -> list[str]:
+    """The turns of a TSV line with exactly one tab (weights not split off yet)."""
+    context, response = text.split("\t")
+    return [*context.split(TSV_TURN_SEPARATOR), response]
+
+
+def _weights(turns: list[str]) -> list[re.Match[str] | None]:
+    """Each turn's `weight text` match, or None where it has no weight."""
+    return [_WEIGHT.fullmatch(t.strip()) for t in turns]
+
+
+def _read_tsv(lines: Iterator[Line], source: str, weighted: bool | None = None) -> Iterator[Record]:
+    """TSV records; `weighted` (None: decided by the first good line) as for the whole file."""
     for number, text in lines:
         if isinstance(text, BadRecord):
             yield text
             continue
         if not text.strip():
             continue
-        parts = text.split("\t")
-        if len(parts) == 1:
+        tabs = text.count("\t")
+        if tabs == 0:
             yield BadRecord(
                 "no-tab", "expected `context<TAB>response`, found no tab", source, number
             )
             continue
-        if len(parts) > 2:
-            message = f"expected `context<TAB>response`, found {len(parts) - 1} tabs"
+        if tabs > 1:
+            message = f"expected `context<TAB>response`, found {tabs} tabs"
             yield BadRecord("several-tabs", message, source, number)
             continue
-        turns = [*parts[0].split(TSV_TURN_SEPARATOR), parts[1]]
-        matches = [_WEIGHT.fullmatch(t.strip()) for t in turns]
+        turns = _tsv_turns(text)
+        matches = _weights(turns)
         if weighted is None:
             weighted = all(matches)
         if weighted:

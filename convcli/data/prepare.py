@@ -1,11 +1,14 @@
 """The prepare pipeline: dialogue corpora in, a shard directory out.
 
-Records stream from `formats.Corpus`; the main process checks them, splits them into
-train/valid by a hash of their turns and (optionally) drops exact duplicates; chunks of
-dialogues go to worker processes that tokenize them in one batched call each and lay
-them out (`convcli.tokenizer.layout`); results come back in order and are appended to
-the shard files. Nothing holds more than a few chunks, so memory stays flat however
-large the corpus. Everything is written into a temporary sibling of the output and
+The main process only reads: `formats.Corpus.chunks` cuts the files into raw chunks of
+whole lines. Worker processes do the rest of the work per chunk (`Encoder`): parse and
+check the lines, split dialogues into train/valid by a hash of their turns, tokenize
+every turn in one batched call and lay the examples out with numpy (`lay_out`). Results
+come back in file order as flat arrays; the main process raises on the first bad line
+(strict), drops exact duplicates (--dedupe: it needs every key seen so far) and appends
+to the shard files. So the output does not depend on the number of workers. Nothing
+holds more than a few chunks, so memory stays flat however large the corpus (except the
+keys kept by --dedupe). Everything is written into a temporary sibling of the output and
 renamed into place at the end (`write_atomically`).
 """
 
@@ -25,18 +28,17 @@ from typing import Any
 import numpy as np
 
 from convcli import __version__
-from convcli.data.formats import BadRecord, Corpus, Dialogue
+from convcli.data.formats import CHUNK_BYTES, BadRecord, Chunk, Corpus, Dialogue, parse_chunk
 from convcli.data.prepare_settings import PrepareSettings
 from convcli.data.shards import SPLITS, TOKENIZER_DIR, ShardWriter, ids_dtype, write_manifest
 from convcli.errors import ConvcliError, UsageError
 from convcli.modelfolder import write_atomically
 from convcli.settings import to_dict, to_yaml
-from convcli.tokenizer import LOSS_RESPONSE, LOSS_WEIGHTED, ConversationTokenizer, layout
+from convcli.tokenizer import LOSS_RESPONSE, LOSS_WEIGHTED, ConversationTokenizer
 
-__all__ = ["PrepareResult", "PrepareSettings", "prepare", "sliding_windows"]
+__all__ = ["PrepareResult", "PrepareSettings", "lay_out", "prepare", "sliding_windows"]
 
 CONFIG_FILE = "prepare.yaml"
-CHUNK_TURNS = 4096  # turns per batched tokenizer call / per task sent to a worker
 
 # (stage, bytes read, bytes in all) where stage is "tokenizer" (training pass) or "prepare".
 Progress = Callable[[str, int, int], None]
@@ -146,91 +148,181 @@ def sliding_windows(lengths: Sequence[int], max_length: int) -> list[tuple[int, 
     return windows
 
 
-def window_flags(
-    lengths: Sequence[int], start: int, new: int, weighted: Sequence[bool] | None
-) -> list[int]:
-    """Loss flags of the window of turns `start..` of a dialogue (turn lengths given).
-
-    Turns before `new` were trained in an earlier window: here they are context only.
-    Flags follow the dialogue, not the window: its turn 0 is the only non-response.
-    """
-    flags = [0]
-    for offset, length in enumerate(lengths):
-        turn = start + offset
-        value = 0
-        if turn >= new:
-            value = (LOSS_RESPONSE if turn else 0) | (
-                LOSS_WEIGHTED if weighted is None or weighted[turn] else 0
-            )
-        flags.extend([value] * (length + 1))
-    return flags
-
-
 # -- the work done per chunk (in worker processes) -----------------------------------------
 
-Task = list[tuple[list[str], list[bool] | None, bool]]  # (turns, weighted, is_valid)
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # ids, types, mask, lengths
 
 
 @dataclass
 class Encoded:
-    """The examples of one chunk, per split, as flat arrays; plus what happened."""
+    """What a worker made of one chunk: bad records, and its dialogues laid out per split.
 
-    arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-    written: dict[str, int]
-    too_long: int  # dialogues skipped for a turn over max_length
-    truncated_turns: int
+    Per-dialogue arrays are in file order, so the main process can drop duplicates
+    (which needs every key seen so far) without a second pass over the text.
+    """
+
+    bad: list[BadRecord]
+    keys: list[bytes] | None  # each dialogue's `dialogue_key` (only with dedupe)
+    valid: np.ndarray  # bool: the dialogue is in the valid split
+    examples: np.ndarray  # examples made of the dialogue (0: skipped, a turn too long)
+    too_long: np.ndarray  # bool: skipped for a turn over max_length
+    truncated: np.ndarray  # turns of the dialogue truncated to max_length
+    arrays: dict[str, Arrays]  # per split: the examples as flat arrays
+
+    @property
+    def dialogues(self) -> int:
+        return len(self.valid)
 
 
 class Encoder:
-    """Tokenizes and lays out chunks of dialogues (picklable; one per worker)."""
+    """Parses, checks, splits, tokenizes and lays out chunks (picklable; one per worker)."""
 
-    def __init__(self, tokenizer: ConversationTokenizer, max_length: int, long_turn: str):
-        self.tokenizer, self.max_length, self.long_turn = tokenizer, max_length, long_turn
+    def __init__(self, tokenizer: ConversationTokenizer, settings: PrepareSettings) -> None:
+        self.tokenizer = tokenizer
+        self.max_length, self.long_turn = settings.max_length, settings.long_turn
+        self.valid_fraction, self.dedupe = settings.valid_fraction, settings.dedupe
         self.sep = tokenizer.sep_token_id
         self.dtype = ids_dtype(len(tokenizer))
 
-    def __call__(self, task: Task) -> Encoded:
-        encoded = iter(self.tokenizer.encode_turns([t for turns, _, _ in task for t in turns]))
-        out: dict[str, tuple[list[int], list[int], list[int], list[int]]] = {
-            s: ([], [], [], []) for s in SPLITS
-        }
-        written = dict.fromkeys(SPLITS, 0)
-        too_long = truncated = 0
-        limit = self.max_length - 2  # a turn alone: sep, tokens, sep
-        for turns, weighted, valid in task:
-            turn_ids = [next(encoded) for _ in turns]
-            lengths = [len(t) for t in turn_ids]
-            if max(lengths) > limit:
-                if self.long_turn == "skip":
-                    too_long += 1
-                    continue
-                truncated += sum(length > limit for length in lengths)
-                turn_ids = [t[:limit] for t in turn_ids]
-                lengths = [len(t) for t in turn_ids]
-            ids_out, types_out, mask_out, lengths_out = out["valid" if valid else "train"]
-            windows = sliding_windows(lengths, self.max_length)
-            new = 0
-            for start, stop in windows:
-                part = None if weighted is None else weighted[start:stop]
-                ids, types, flags = layout(turn_ids[start:stop], self.sep, part)
-                if len(windows) > 1:
-                    flags = window_flags(lengths[start:stop], start, new, weighted)
-                new = stop
-                ids_out.extend(ids)
-                types_out.extend(types)
-                mask_out.extend(flags)
-                lengths_out.append(len(ids))
-            written["valid" if valid else "train"] += 1
-        arrays = {
-            s: (
-                np.array(ids, dtype=self.dtype),
-                np.array(types, dtype=np.uint8),
-                np.array(mask, dtype=np.uint8),
-                np.array(lengths, dtype=np.int64),
-            )
-            for s, (ids, types, mask, lengths) in out.items()
-        }
-        return Encoded(arrays, written, too_long, truncated)
+    def __call__(self, chunk: Chunk) -> Encoded:
+        bad: list[BadRecord] = []
+        keys: list[bytes] = []
+        texts: list[str] = []  # every turn of every dialogue, for one batched tokenizer call
+        turn_counts: list[int] = []
+        unweighted: list[int] = []  # turns (indices into texts) of weight 0
+        for record in parse_chunk(chunk):
+            if isinstance(record, BadRecord):
+                bad.append(record)
+                continue
+            keys.append(dialogue_key(record.turns))
+            if record.weights is not None:
+                unweighted += [len(texts) + i for i, w in enumerate(record.weights) if w == 0]
+            texts += record.turns
+            turn_counts.append(len(record.turns))
+        ids, lengths = self.tokenizer.encode_turns_flat(texts)
+        weighted = np.ones(len(texts), dtype=bool)
+        weighted[unweighted] = False
+        valid = np.array([is_valid(k, self.valid_fraction) for k in keys], dtype=bool)
+        laid = lay_out(
+            np.array(ids, dtype=self.dtype),
+            np.array(lengths, dtype=np.int64),
+            np.array(turn_counts, dtype=np.int64),
+            weighted,
+            valid,
+            sep=self.sep,
+            max_length=self.max_length,
+            skip_long=self.long_turn == "skip",
+        )
+        return Encoded(bad, keys if self.dedupe else None, valid, *laid)
+
+
+def lay_out(
+    ids: np.ndarray,
+    turn_lengths: np.ndarray,
+    turn_counts: np.ndarray,
+    weighted: np.ndarray,
+    valid: np.ndarray,
+    *,
+    sep: int,
+    max_length: int,
+    skip_long: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Arrays]]:
+    """Lay out tokenized dialogues as examples, per split, with numpy (no work per token).
+
+    `ids` are the token ids of all turns of all dialogues, one after the other, and
+    `turn_lengths` the tokens of each turn; `turn_counts` the turns of each dialogue,
+    `weighted` per turn (it has a non-zero weight), `valid` per dialogue. Each example
+    is exactly `convcli.tokenizer.layout` of its turns; the loss flags of a window of a
+    long dialogue mark only the turns no earlier window trained (see `sliding_windows`).
+
+    Returns per dialogue: examples made, skipped for a long turn, turns truncated; and per
+    split (ids, types, mask, example lengths).
+    """
+    dialogues = len(turn_counts)
+    if not dialogues:
+        empty = (ids, *(np.zeros(0, np.uint8),) * 2, np.zeros(0, np.int64))
+        nothing = np.zeros(0, np.int64)
+        return nothing, nothing.astype(bool), nothing, dict.fromkeys(SPLITS, empty)
+    offsets = np.cumsum(turn_lengths) - turn_lengths  # where each turn starts in `ids`
+    first = np.cumsum(turn_counts) - turn_counts  # each dialogue's first turn
+    limit = max_length - 2  # a turn alone: sep, tokens, sep
+    over = turn_lengths > limit
+    if skip_long:
+        too_long = np.logical_or.reduceat(over, first)
+        truncated = np.zeros(dialogues, np.int64)
+        lengths = turn_lengths
+    else:
+        too_long = np.zeros(dialogues, bool)
+        truncated = np.add.reduceat(over.astype(np.int64), first)
+        lengths = np.minimum(turn_lengths, limit)  # a truncated turn keeps its start
+    fits = np.add.reduceat(lengths, first) + turn_counts + 1 <= max_length
+
+    # One example per dialogue that fits: all its turns, all trainable (new = its first turn).
+    examples = np.where(too_long, 0, 1)
+    windows: dict[int, list[tuple[int, int]]] = {}
+    for d in np.flatnonzero(~fits & ~too_long).tolist():  # rare: Python is fine here
+        start, stop = int(first[d]), int(first[d] + turn_counts[d])
+        windows[d] = sliding_windows(lengths[start:stop].tolist(), max_length)
+        examples[d] = len(windows[d])
+    owner = np.repeat(np.arange(dialogues), examples)  # each example's dialogue
+    start = first[owner]  # first turn of each example (global turn index)
+    stop = start + turn_counts[owner]
+    new = start.copy()  # its first turn that no earlier window trained
+    at = np.cumsum(examples) - examples  # where each dialogue's examples start
+    for d, cuts in windows.items():
+        previous_stop = 0
+        for k, (a, b) in enumerate(cuts):
+            i = at[d] + k
+            start[i], stop[i], new[i] = first[d] + a, first[d] + b, first[d] + previous_stop
+            previous_stop = b
+
+    arrays = {}
+    for split in SPLITS:
+        take = valid[owner] == (split == "valid")
+        arrays[split] = _examples(
+            start[take], stop[take], new[take], first[owner[take]],
+            ids, offsets, lengths, weighted, sep,
+        )  # fmt: skip
+    return examples, too_long, truncated, arrays
+
+
+def _examples(
+    start: np.ndarray,
+    stop: np.ndarray,
+    new: np.ndarray,
+    dialogue_first: np.ndarray,
+    flat: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    weighted: np.ndarray,
+    sep: int,
+) -> Arrays:
+    """The flat arrays of examples given as turn ranges [start, stop) (see `lay_out`).
+
+    An example of turns t0..tn-1 is `sep t0 sep t1 ... sep`. Types: segment i (its sep
+    and the tokens of t_i) has i % 2, the last sep n % 2. Flags: the first sep 0, the
+    tokens of t_i and the sep after them the flags of t_i. So both are runs of values
+    (`np.repeat`) over n + 1 segments per example.
+    """
+    n = stop - start
+    ends = np.cumsum(n)  # per example, the end of its turns in the per-turn arrays below
+    begins = ends - n
+    pos = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(begins, n)  # turn in example
+    turn = np.repeat(start, n) + pos  # global turn index
+    size = lengths[turn]
+    flags = np.where(weighted[turn], LOSS_WEIGHTED, 0) | np.where(
+        turn > np.repeat(dialogue_first, n), LOSS_RESPONSE, 0
+    )
+    flags[turn < np.repeat(new, n)] = 0  # trained in an earlier window: context here
+    types = np.repeat(np.insert(pos % 2, ends, n % 2), np.insert(size + 1, ends, 1))
+    mask = np.repeat(np.insert(flags, begins, 0), np.insert(size + 1, begins, 1))
+    # ids: sep everywhere, then each turn's tokens after its sep.
+    example_lengths = np.add.reduceat(size + 1, begins) + 1 if len(n) else np.zeros(0, np.int64)
+    out = np.full(len(types), sep, flat.dtype)
+    segment = np.cumsum(size + 1) - size - 1 + np.repeat(np.arange(len(n)), n)  # each turn's sep
+    within = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
+    out[np.repeat(segment + 1, size) + within] = flat[np.repeat(offsets[turn], size) + within]
+    return out, types.astype(np.uint8), mask.astype(np.uint8), example_lengths.astype(np.int64)
 
 
 _WORKER: Encoder | None = None
@@ -241,16 +333,29 @@ def _init_worker(encoder: Encoder) -> None:
     _WORKER = encoder
 
 
-def _work(task: Task) -> Encoded:
+def _work(chunk: Chunk) -> Encoded:
     assert _WORKER is not None
-    return _WORKER(task)
+    return _WORKER(chunk)
+
+
+class _Ready:
+    """A result already at hand (a bad file needs no worker), with AsyncResult's `get`."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value
 
 
 @contextmanager
-def _parallel(encoder: Encoder, workers: int) -> Iterator[Callable[[Iterable[Task]], Iterator]]:
-    """A map over tasks, in order, in `workers` processes with a few tasks in flight."""
+def _parallel(encoder: Encoder, workers: int) -> Iterator[Callable[[Iterable], Iterator]]:
+    """A map over chunks, in order, in `workers` processes with a few chunks in flight.
+
+    A `BadRecord` (a missing or empty file) passes through as it is, in its place.
+    """
     if workers <= 1:
-        yield lambda tasks: map(encoder, tasks)
+        yield lambda items: (i if isinstance(i, BadRecord) else encoder(i) for i in items)
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -266,10 +371,11 @@ def _parallel(encoder: Encoder, workers: int) -> Iterator[Callable[[Iterable[Tas
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
 
-    def ordered(tasks: Iterable[Task]) -> Iterator[Encoded]:
+    def ordered(items: Iterable[Chunk | BadRecord]) -> Iterator[Encoded | BadRecord]:
         pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(_work, (task,)))
+        for item in items:
+            bad = isinstance(item, BadRecord)
+            pending.append(_Ready(item) if bad else pool.apply_async(_work, (item,)))
             if len(pending) >= 2 * workers:  # bounded: memory stays flat
                 yield pending.popleft().get()
         while pending:
@@ -309,6 +415,37 @@ def _records(corpus: Corpus, strict: bool, tally: Tally) -> Iterator[Dialogue]:
             yield record
 
 
+def _write(
+    result: Encoded,
+    writers: dict[str, ShardWriter],
+    seen: set[bytes],
+    tally: Tally,
+    split_dialogues: dict[str, int],
+) -> int:
+    """Append a chunk's examples to the shards, less duplicates (when `result.keys`);
+    count what happened. Returns the count of truncated turns written."""
+    tally.read += result.dialogues
+    keep = np.ones(result.dialogues, dtype=bool)
+    if result.keys is not None:
+        for i, key in enumerate(result.keys):
+            if key in seen:
+                keep[i] = False
+            else:
+                seen.add(key)
+        tally.skipped["duplicate"] += int(np.count_nonzero(~keep))
+    tally.skipped["turn-too-long"] += int(np.count_nonzero(keep & result.too_long))
+    for split, (ids, types, mask, lengths) in result.arrays.items():
+        in_split = result.valid == (split == "valid")
+        kept = keep[in_split]
+        if not kept.all():  # drop the examples (and their tokens) of duplicates
+            examples = np.repeat(kept, result.examples[in_split])
+            tokens = np.repeat(examples, lengths)
+            ids, types, mask, lengths = ids[tokens], types[tokens], mask[tokens], lengths[examples]
+        writers[split].add_many(ids, types, mask, lengths)
+        split_dialogues[split] += int(np.count_nonzero(kept & ~result.too_long[in_split]))
+    return int(result.truncated[keep].sum())
+
+
 def _tokenizer(settings: PrepareSettings, progress: Progress) -> ConversationTokenizer:
     if settings.tokenizer:
         return ConversationTokenizer.from_pretrained(settings.tokenizer)
@@ -341,44 +478,37 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
     tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; the output is an ordinary folder
     tokenizer = _tokenizer(settings, progress)
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-    encoder = Encoder(tokenizer, settings.max_length, settings.long_turn)
+    encoder = Encoder(tokenizer, settings)
     writers = {
         s: ShardWriter(tmp, s, encoder.dtype, shard_tokens=settings.shard_tokens) for s in SPLITS
     }
     corpus = Corpus(settings.inputs, settings.format)
+    strict = settings.on_error == "strict"
     tally = Tally()
     skipped = tally.skipped
-    seen: set[bytes] = set()
+    seen: set[bytes] = set()  # --dedupe: one key per distinct dialogue (inherent to exact dedupe)
     split_dialogues = dict.fromkeys(SPLITS, 0)
     truncated = 0
 
-    def tasks() -> Iterator[Task]:
-        task: Task = []
-        turns_in_task = 0
-        for dialogue in _records(corpus, settings.on_error == "strict", tally):
-            key = dialogue_key(dialogue.turns)
-            if settings.dedupe:
-                if key in seen:
-                    skipped["duplicate"] += 1
-                    continue
-                seen.add(key)
-            weighted = None if dialogue.weights is None else [w != 0 for w in dialogue.weights]
-            task.append((dialogue.turns, weighted, is_valid(key, settings.valid_fraction)))
-            turns_in_task += len(dialogue.turns)
-            if turns_in_task >= CHUNK_TURNS:
-                yield task
-                task, turns_in_task = [], 0
-                progress("prepare", corpus.bytes_read, corpus.total_bytes)
-        if task:
-            yield task
+    read_to: deque[int] = deque()  # input bytes read up to each chunk in flight
+
+    def chunks() -> Iterator[Chunk | BadRecord]:
+        for item in corpus.chunks(CHUNK_BYTES):
+            read_to.append(corpus.bytes_read)
+            yield item
 
     with _parallel(encoder, settings.workers) as parallel_map:
-        for result in parallel_map(tasks()):
-            for split, (ids, types, mask, lengths) in result.arrays.items():
-                writers[split].add_many(ids, types, mask, lengths)
-                split_dialogues[split] += result.written[split]
-            skipped["turn-too-long"] += result.too_long
-            truncated += result.truncated_turns
+        for result in parallel_map(chunks()):
+            bad = [result] if isinstance(result, BadRecord) else result.bad
+            if bad and strict:
+                raise bad[0].error()  # the first bad line of the corpus: results come in order
+            tally.read += len(bad)
+            for record in bad:
+                skipped[record.reason] += 1
+            if isinstance(result, Encoded):
+                truncated += _write(result, writers, seen, tally, split_dialogues)
+            # Bytes done, not the bytes read ahead for the workers.
+            progress("prepare", read_to.popleft(), corpus.total_bytes)
     progress("prepare", corpus.total_bytes, corpus.total_bytes)
     read = tally.read
     skipped = Counter({k: v for k, v in skipped.items() if v})

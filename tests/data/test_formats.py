@@ -127,3 +127,35 @@ def test_a_bad_line_in_a_text_block_spoils_only_that_dialogue(tmp_path):
     got = records(path)
     assert [type(r).__name__ for r in got] == ["Dialogue", "BadRecord", "Dialogue"]
     assert got[1].line == 5 and got[2].turns == ["e", "f"]
+
+
+def test_any_chunk_size_gives_the_same_records(tmp_path):
+    from convcli.data.formats import parse_chunk
+
+    (tmp_path / "t.txt").write_bytes(
+        b"\xef\xbb\xbfhi\nthere\r\n\r\nx\n\xe3\x80\x80\ny\nz\n \t\n\n\xffbad\nw\n\nlast\none"
+    )
+    (tmp_path / "w.tsv").write_bytes(  # the first good line (4) decides: weights
+        b"\n\xff\tbad utf-8\nno tab\n0.0 a EOS 1.0 b\t1.0 c\nd\t0.0 e\n0.0 f\t1.0 g\n"
+    )
+    lines = b"".join(json.dumps([f"q{i}", f"a{i}"]).encode() + b"\n" for i in range(400))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(lines)[:-40])  # truncated
+    paths = [tmp_path / n for n in ("t.txt", "w.tsv", "cut.jsonl.gz")]
+    expected = records(*paths)
+    summary = [
+        (r.turns if isinstance(r, Dialogue) else r.reason, r.line, getattr(r, "weights", None))
+        for r in expected
+    ]
+    assert summary[:10] == [
+        (["hi", "there"], 1, None), ("one-turn", 4, None), (["y", "z"], 6, None),
+        ("invalid-utf8", 10, None), (["last", "one"], 13, None),
+        ("invalid-utf8", 2, None), ("no-tab", 3, None), (["a", "b", "c"], 4, [0.0, 1.0, 1.0]),
+        ("bad-weight", 5, None), (["f", "g"], 6, [0.0, 1.0]),
+    ]  # fmt: skip
+    read = len(summary) - 11  # JSONL lines before the damage: all kept
+    assert 300 < read < 400 and summary[-1][:2] == ("unreadable", read + 1)
+    for size in (1, 7, 100):
+        chunks = list(Corpus([str(p) for p in paths]).chunks(size))
+        assert len(chunks) > 10
+        got = [r for c in chunks for r in ([c] if isinstance(c, BadRecord) else parse_chunk(c))]
+        assert got == expected
