@@ -31,7 +31,7 @@ def demo(
 ) -> None:
     """Run the whole pipeline on the sample data: prepare, train, reverse, MMI chat.
 
-    Takes about three minutes on two CPU cores and downloads nothing. Each step
+    Takes one to two minutes on two CPU cores and downloads nothing. Each step
     prints the convcli command that does the same, and a rerun reuses finished
     steps (use --fresh to start over).
 
