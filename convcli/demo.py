@@ -220,15 +220,41 @@ def _train_steps(s: DemoSettings, shards: Path, forward: Path, reverse: Path) ->
     import multiprocessing
 
     # spawn: a fresh interpreter, never a fork of a process that has started torch threads.
-    pool = multiprocessing.get_context("spawn").Pool(1)
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    second = context.Process(target=_fit_and_send, args=(send, todo[1][1], threads))
+    second.start()
+    send.close()  # the child holds the sending end: EOF here if it dies
     try:
-        second = pool.apply_async(_fit, (todo[1][1], threads, False))
         yield _summary(todo[0][0], _fit(todo[0][1], threads, progress=True))
-        yield _summary(todo[1][0], second.get())
-        pool.close()
+        try:
+            ok, value = receive.recv()
+        except EOFError:
+            second.join()
+            raise ConvcliError(
+                f"training the {todo[1][0]} model stopped (exit code {second.exitcode}); "
+                "run the demo again to resume it"
+            ) from None
+        if not ok:
+            raise value
+        yield _summary(todo[1][0], value)
     finally:
-        pool.terminate()  # stops the second training if the first one failed or was stopped
-        pool.join()
+        if second.is_alive():
+            # The first one failed or was stopped. (Lightning would answer SIGTERM only at
+            # its next step.) The newest checkpoint remains for a rerun.
+            second.kill()
+        second.join()
+
+
+def _fit_and_send(send: Any, settings: TrainSettings, threads: int) -> None:
+    """The second process: train, then send (True, result) or (False, the error)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        send.send((True, _fit(settings, threads, progress=False)))
+    except ConvcliError as exc:  # anything else is a bug: its traceback goes to stderr
+        send.send((False, exc))
 
 
 def _chat(s: DemoSettings, forward_dir: Path, reverse_dir: Path) -> Iterator[Exchange]:
