@@ -9,6 +9,7 @@ steps are reused on a rerun (a killed training resumes from its checkpoint).
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from convcli.errors import ConvcliError
 
 if TYPE_CHECKING:
+    from convcli.training.fit import TrainResult
     from convcli.training.settings import TrainSettings
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
@@ -33,7 +35,7 @@ class DemoSettings:
     """Where everything goes: shards/, forward/, reverse/."""
     data: Path = SAMPLE_DATA
     """A folder with dialogues.jsonl (to train on) and contexts.jsonl (held-out contexts)."""
-    steps: int = 300
+    steps: int = 700
     """Optimizer steps for each of the two models."""
     seed: int = 0
     """Seed of training and of the chat's sampling."""
@@ -72,6 +74,10 @@ class Exchange:
 
 Event = Step | StepDone | Exchange
 STEPS = 4
+# Candidate sampling of the chat step: `convcli chat`'s defaults (top-k 50, top-p 0.95)
+# at a lower temperature, which keeps a tiny model's candidates on the patterns it learnt.
+CHAT_TEMPERATURE = 0.5
+CHAT_SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95, "temperature": CHAT_TEMPERATURE}
 
 
 def _command(
@@ -94,12 +100,13 @@ def _command(
 
 
 def _train_settings(s: DemoSettings, shards: Path, run: Path, reverse: bool) -> TrainSettings:
-    """The tiny preset with a learning rate and batch that learn the sample data quickly."""
+    """The tiny preset with a learning rate and batch that learn the sample data quickly:
+    many small batches (512 tokens, ~17 dialogues) beat fewer large ones per CPU second."""
     from convcli.training.settings import TrainSettings
 
     return TrainSettings(
         data=shards, output=run, preset="tiny", max_steps=s.steps, learning_rate=3e-3,
-        warmup_steps=20, batch_tokens=2048, val_every=s.steps,
+        warmup_steps=20, batch_tokens=512, val_every=s.steps,
         save_every=max(s.steps // 3, 1), seed=s.seed, reverse=reverse,
     )  # fmt: skip
 
@@ -146,33 +153,108 @@ def run_demo(s: DemoSettings) -> Iterator[Event]:
             f"{result.tokens:,} tokens"
         )
 
-    for number, run, reverse_flag in ((2, forward, False), (3, reverse, True)):
-        yield from _train_step(s, number, shards, run, reverse_flag)
+    yield from _train_steps(s, shards, forward, reverse)
 
     chat = shlex.join([
         "convcli", "chat", str(forward / "final"), "--reverse-model", str(reverse / "final"),
-        "--num-candidates", str(s.num_candidates), "--seed", str(s.seed),
+        "--num-candidates", str(s.num_candidates), "--temperature", str(CHAT_TEMPERATURE),
+        "--seed", str(s.seed),
     ])  # fmt: skip
     yield Step(4, "chat on held-out contexts, replies reranked by MMI", chat, reused=False)
     yield from _chat(s, forward / "final", reverse / "final")
 
 
-def _train_step(
-    s: DemoSettings, number: int, shards: Path, run: Path, reverse: bool
-) -> Iterator[Event]:
+def _threads_each() -> int:
+    """Torch threads of a training: half of the cores, as two run side by side (and when
+    one runs alone, a tiny model gains little from more threads, while threads fighting
+    over a core that is busy with other work slow it down several-fold)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // 2)
+
+
+def _fit(settings: TrainSettings, threads: int, progress: bool) -> TrainResult:
+    """`train` with this many torch threads (also the target of the second process)."""
+    import torch
+
     from convcli.training.fit import train
 
-    settings = _train_settings(s, shards, run, reverse)
-    what = "a reverse model (response -> message) for MMI" if reverse else "the forward model"
-    done = (run / "final" / "convcli.json").is_file()
-    yield Step(number, f"train {what}", _command("train", settings), reused=done)
-    if done:
-        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     # A killed run resumes from its newest checkpoint; anything else starts over.
-    resume = "auto" if any((run / "checkpoints").glob("*.ckpt")) else None
-    result = train(replace(settings, resume=resume, overwrite=resume is None))
+    resume = "auto" if any((settings.output / "checkpoints").glob("*.ckpt")) else None
+    try:
+        return train(replace(settings, resume=resume, overwrite=resume is None), progress=progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _summary(what: str, result: TrainResult) -> StepDone:
     ppl = f"validation perplexity {result.val_ppl:.2f}" if result.val_ppl else "no validation"
-    yield StepDone(f"{result.steps} steps in {result.seconds:.0f} s, {ppl} -> {result.final}")
+    return StepDone(
+        f"{what}: {result.steps} steps in {result.seconds:.0f} s, {ppl} -> {result.final}"
+    )
+
+
+def _train_steps(s: DemoSettings, shards: Path, forward: Path, reverse: Path) -> Iterator[Event]:
+    """Steps 2 and 3. When both models need training, the reverse one trains in a second
+    process at the same time as the forward one (each on half of the cores)."""
+    todo = []
+    for number, run, is_reverse in ((2, forward, False), (3, reverse, True)):
+        settings = _train_settings(s, shards, run, is_reverse)
+        done = (run / "final" / "convcli.json").is_file()
+        title = "train a reverse model (response -> message) for MMI" if is_reverse else (
+            "train the forward model"
+        )  # fmt: skip
+        if is_reverse and not done and todo:
+            title += ", in a second process alongside step 2"
+        yield Step(number, title, _command("train", settings), reused=done)
+        if not done:
+            todo.append(("reverse" if is_reverse else "forward", settings))
+    if not todo:
+        return
+    threads = _threads_each()
+    if len(todo) == 1:  # a rerun after one of the two was interrupted
+        name, settings = todo[0]
+        yield _summary(name, _fit(settings, threads, progress=True))
+        return
+    import multiprocessing
+
+    # spawn: a fresh interpreter, never a fork of a process that has started torch threads.
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    second = context.Process(target=_fit_and_send, args=(send, todo[1][1], threads))
+    second.start()
+    send.close()  # the child holds the sending end: EOF here if it dies
+    try:
+        yield _summary(todo[0][0], _fit(todo[0][1], threads, progress=True))
+        try:
+            ok, value = receive.recv()
+        except EOFError:
+            second.join()
+            raise ConvcliError(
+                f"training the {todo[1][0]} model stopped (exit code {second.exitcode}); "
+                "run the demo again to resume it"
+            ) from None
+        if not ok:
+            raise value
+        yield _summary(todo[1][0], value)
+    finally:
+        if second.is_alive():
+            # The first one failed or was stopped. (Lightning would answer SIGTERM only at
+            # its next step.) The newest checkpoint remains for a rerun.
+            second.kill()
+        second.join()
+
+
+def _fit_and_send(send: Any, settings: TrainSettings, threads: int) -> None:
+    """The second process: train, then send (True, result) or (False, the error)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        send.send((True, _fit(settings, threads, progress=False)))
+    except ConvcliError as exc:  # anything else is a bug: its traceback goes to stderr
+        send.send((False, exc))
 
 
 def _chat(s: DemoSettings, forward_dir: Path, reverse_dir: Path) -> Iterator[Exchange]:
@@ -184,7 +266,7 @@ def _chat(s: DemoSettings, forward_dir: Path, reverse_dir: Path) -> Iterator[Exc
     reverse = ConversationModel.from_pretrained(reverse_dir, device=s.device)
     reranker = MMIReranker(forward, reverse, num_candidates=s.num_candidates)
     samples = read_samples(s.data / "contexts.jsonl")
-    results = reranker.respond_batch([x.context for x in samples], seed=s.seed)
+    results = reranker.respond_batch([x.context for x in samples], seed=s.seed, **CHAT_SAMPLING)
     for sample, result in zip(samples, results, strict=True):
         candidates = [(c.text, c.score) for c in result.candidates]
         yield Exchange(sample.context, result.response, sample.reference, candidates)

@@ -2,10 +2,13 @@
 
     python sample_data/make_sample_data.py      # rewrites the files next to this script
 
-Each reply follows from its context (a name is echoed, each city has one weather, each
-number is followed by the next), so a tiny model learns it in a minute of CPU. Writes the
-same dialogues as JSONL, DialoGPT TSV (with weights) and plain text, plus a few held-out
-contexts (never in the corpus) for demos.
+Each answer follows from the question just asked (a name is echoed, each city has one
+weather, each food is liked or not, each number is followed by the next), so a tiny model
+learns it in a minute of CPU. A dialogue is an optional greeting, one to three questions
+with their answers in any order, and sometimes a goodbye; English and Japanese. Writes
+the same dialogues as JSONL, DialoGPT TSV (with weights) and plain text, plus held-out
+contexts for demos: known words in combinations that no corpus dialogue contains (the
+answer depends only on the last question, which the corpus teaches).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SEED = 2024
-DIALOGUES = 2400
+DIALOGUES = 2000
 
 # fmt: off
 NAMES = ["Aiko", "Ben", "Carla", "Dev", "Emma", "Farid", "Greta", "Hiro", "Ines", "Jonas",
@@ -33,9 +36,13 @@ NUMBERS_JA = ["いち", "に", "さん", "し", "ご", "ろく", "しち", "は�
 # fmt: on
 
 
+# Every part has an even number of turns: the asker speaks first, the answerer second, so
+# parts chain in any order and the answerer is always the same speaker.
 def greeting(rng: random.Random) -> list[str]:
+    if rng.random() < 0.25:
+        return ["こんにちは", "こんにちは!元気ですか?", "元気です、ありがとう。", "よかったです。"]
     hello = rng.choice(["Hello!", "Hi!", "Hey there!", "Good morning!"])
-    return [hello, "Hello! How are you?", "I am fine, thank you."]
+    return [hello, "Hello! How are you?", "I am fine, thank you.", "Glad to hear it."]
 
 
 def names(rng: random.Random) -> list[str]:
@@ -70,42 +77,56 @@ def goodbye(rng: random.Random) -> list[str]:
     return [rng.choice(["Goodbye!", "Bye!", "See you!"]), "Goodbye, see you tomorrow!"]
 
 
-def japanese(rng: random.Random) -> list[str]:
-    kind = rng.randrange(4)
-    if kind == 0:
-        return ["こんにちは", "こんにちは!元気ですか?", "元気です、ありがとう。"]
-    if kind == 1:
-        city = rng.choice(list(CITY_JA))
-        return [f"{city}の天気はどうですか?", f"{city}は今日{CITY_JA[city]}です。"]
-    if kind == 2:
-        item = rng.choice(FOOD_JA)
-        return [f"{item}は好きですか?", f"はい、{item}が大好きです。"]
+def weather_ja(rng: random.Random) -> list[str]:
+    city = rng.choice(list(CITY_JA))
+    return [f"{city}の天気はどうですか?", f"{city}は今日{CITY_JA[city]}です。"]
+
+
+def food_ja(rng: random.Random) -> list[str]:
+    item = rng.choice(FOOD_JA)
+    return [f"{item}は好きですか?", f"はい、{item}が大好きです。"]
+
+
+def numbers_ja(rng: random.Random) -> list[str]:
     i = rng.randrange(len(NUMBERS_JA) - 1)
     return [f"{NUMBERS_JA[i]}の次は?", f"{NUMBERS_JA[i]}の次は{NUMBERS_JA[i + 1]}です。"]
 
 
-TOPICS = [greeting, names, weather, food, numbers, colors, goodbye, japanese]
+QUESTIONS = [names, weather, food, numbers, colors, weather_ja, food_ja, numbers_ja]
 
 
 def dialogue(rng: random.Random) -> list[str]:
-    turns = rng.choice(TOPICS)(rng)
-    if rng.random() < 0.25 and len(turns) % 2 == 0:  # a second topic, same speakers in turn
-        turns = turns + rng.choice([weather, food, numbers, colors])(rng)
+    turns = greeting(rng) if rng.random() < 0.3 else []
+    for _ in range(rng.choice([1, 1, 2, 2, 3])):
+        turns += rng.choice(QUESTIONS)(rng)
+    if rng.random() < 0.15:
+        turns += goodbye(rng)
     return turns
 
 
-# Contexts no corpus dialogue starts with: new names, a number past the range, topics
-# chained in an order the generator never uses.
+# Known words in combinations no corpus dialogue contains anywhere (checked below).
 HELD_OUT = [
-    {"turns": ["My name is Yuki."], "expected": "Nice to meet you, Yuki!"},
-    {"turns": ["What is your name?", "My name is Tiny.", "I am Zane."],
-     "expected": "Nice to meet you, Zane!"},
-    {"turns": ["What comes after 41?"], "expected": "42 comes after 41."},
-    {"turns": ["Good morning!", "Hello! How are you?", "I am fine, thank you.",
+    {"turns": ["Hi!", "Hello! How are you?", "I am fine, thank you.", "Glad to hear it.",
                "How is the weather in Oslo?"], "expected": "It is snowy in Oslo today."},
-    {"turns": ["こんにちは", "こんにちは!元気ですか?", "元気です、ありがとう。",
+    {"turns": ["My name is Rosa.", "Nice to meet you, Rosa!", "Do you like olives?"],
+     "expected": "No, I do not like olives."},
+    {"turns": ["Do you like cheese?", "Yes, I love cheese.", "What color is the grass?"],
+     "expected": "The grass is green."},
+    {"turns": ["What color is the snow?", "The snow is white.", "What comes after 17?"],
+     "expected": "18 comes after 17."},
+    {"turns": ["Good morning!", "Hello! How are you?", "I am fine, thank you.",
+               "Glad to hear it.", "My name is Hiro."], "expected": "Nice to meet you, Hiro!"},
+    {"turns": ["こんにちは", "こんにちは!元気ですか?", "元気です、ありがとう。", "よかったです。",
                "東京の天気はどうですか?"], "expected": "東京は今日晴れです。"},
+    {"turns": ["ラーメンは好きですか?", "はい、ラーメンが大好きです。", "大阪の天気はどうですか?"],
+     "expected": "大阪は今日雨です。"},
 ]  # fmt: skip
+
+
+def contains(turns: list[str], part: list[str]) -> bool:
+    """Whether `part` occurs in `turns` as consecutive turns."""
+    n = len(part)
+    return any(turns[i : i + n] == part for i in range(len(turns) - n + 1))
 
 
 def tsv_line(turns: list[str]) -> str:
@@ -117,10 +138,11 @@ def tsv_line(turns: list[str]) -> str:
 
 def main() -> None:
     rng = random.Random(SEED)
-    dialogues = [dialogue(rng) for _ in range(DIALOGUES)]
-    for context in HELD_OUT:
-        n = len(context["turns"])
-        assert all(d[:n] != context["turns"] for d in dialogues), context
+    dialogues: list[list[str]] = []
+    while len(dialogues) < DIALOGUES:
+        d = dialogue(rng)
+        if not any(contains(d, context["turns"]) for context in HELD_OUT):
+            dialogues.append(d)
     with open(HERE / "dialogues.jsonl", "w", encoding="utf-8") as f:
         for d in dialogues:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")

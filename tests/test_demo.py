@@ -42,6 +42,19 @@ def readme_demo_command() -> list[str]:
     return command[2:]
 
 
+EXPECTED = "(the sample data says: "
+
+
+def replies_and_expected(stdout: str) -> list[tuple[str, str]]:
+    """(the bot's reply, the sample data's reply) for each exchange the demo printed."""
+    lines = [line.strip() for line in stdout.splitlines()]
+    return [
+        (lines[i - 1].removeprefix("bot> "), line[len(EXPECTED) : -1])
+        for i, line in enumerate(lines)
+        if line.startswith(EXPECTED) and lines[i - 1].startswith("bot> ")
+    ]
+
+
 @pytest.mark.slow
 def test_readme_demo_runs_on_a_clean_checkout(tmp_path):
     checkout = tmp_path / "convcli"
@@ -54,9 +67,14 @@ def test_readme_demo_runs_on_a_clean_checkout(tmp_path):
     for model in ("forward", "reverse"):
         assert (out / model / "final" / "model.safetensors").is_file()
     assert "convcli train --data" in first.stderr and "--reverse" in first.stderr
-    replies = [line for line in first.stdout.splitlines() if line.strip().startswith("bot>")]
-    assert replies, first.stdout
-    # The model learnt the sample data: the greeting exchange gets a sensible reply.
+    # The models learnt the sample data: most held-out contexts (combinations no training
+    # dialogue contains) get exactly the reply the sample data implies.
+    pairs = replies_and_expected(first.stdout)
+    contexts = (checkout / "sample_data" / "contexts.jsonl").read_text(encoding="utf-8")
+    assert len(pairs) == len(contexts.splitlines()), first.stdout
+    right = sum(reply == expected for reply, expected in pairs)
+    assert right >= len(pairs) / 2, first.stdout
+    assert f"{right} of {len(pairs)} replies match the sample data exactly" in first.stderr
     rerun = run_cli("demo", *args, cwd=checkout, env_repo=checkout)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert rerun.stderr.count("done already") == 3

@@ -47,9 +47,12 @@ from convcli.training.export import FolderExport, tokenizer_files
 from convcli.training.module import ConversationLM
 from convcli.training.settings import TrainSettings
 
-# GPT-2 shapes. tiny is for trying things out on a laptop; small/medium are GPT-2 117M/345M.
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 512},
+# GPT-2 shapes. tiny is for trying things out on a laptop (~1M parameters with a small
+# vocabulary): two wide layers learn faster per second of CPU than four narrow ones, and a
+# model this small underfits, so dropout only slows it down. small/medium are GPT-2 117M/345M.
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"n_layer": 2, "n_embd": 192, "n_head": 4, "n_positions": 512, **NO_DROPOUT},
     "small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024},
     "medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024},
 }

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from convcli.errors import ConvcliError
-from convcli.training.fit import train
+from convcli.training.fit import PRESETS, train
 from convcli.training.settings import TrainSettings
 
 
@@ -159,7 +159,8 @@ def test_preset_without_validation_split_and_checkpoint_contents(make_shards, tm
     ckpt = torch.load(run / "checkpoints" / "step-0000002.ckpt", weights_only=False)
     assert all(key.startswith("model.") for key in ckpt["state_dict"])
     hparams = ckpt["hyper_parameters"]
-    assert hparams["config"]["n_layer"] == 4 and hparams["settings"]["preset"] == "tiny"
+    assert hparams["config"]["n_layer"] == PRESETS["tiny"]["n_layer"]
+    assert hparams["config"]["resid_pdrop"] == 0.0 and hparams["settings"]["preset"] == "tiny"
     assert hparams["meta"]["token_types"] is True and ckpt["optimizer_states"]
     module = ConversationLM.load_from_checkpoint(run / "checkpoints" / "step-0000002.ckpt")
     final = weights(run / "final")
