@@ -36,7 +36,13 @@ def test_refuses_a_directory_that_is_not_a_demo(tmp_path):
 def readme_demo_command() -> list[str]:
     """The `convcli demo ...` part of the README's first setup command."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    line = next(line for line in text.splitlines() if "convcli demo" in line)
+    fenced, in_fence = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif in_fence:
+            fenced.append(line)
+    line = next(line for line in fenced if "convcli demo" in line)
     command = shlex.split(line[line.index("convcli demo") :])
     assert command[:2] == ["convcli", "demo"]
     return command[2:]
