@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,14 @@ from convcli.conversion.gpt2 import (
     normalize_keys,
 )
 from convcli.errors import ConvcliError, UsageError
-from convcli.modelfolder import META_FILE, ModelMeta, save_model_folder, write_atomically
+from convcli.modelfolder import (
+    META_FILE,
+    ModelMeta,
+    quiet_weight_bars,
+    refuse_to_replace_inputs,
+    save_model_folder,
+    write_atomically,
+)
 
 if TYPE_CHECKING:
     from convcli.tokenizer import ConversationTokenizer
@@ -118,8 +125,7 @@ def convert_checkpoint(
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if output.exists() and not overwrite:
         raise ConvcliError(f"{output} already exists (pass --overwrite to replace it)")
-    if path.exists() and (output.resolve() == path.resolve() or output in path.parents):
-        raise UsageError(f"--output {output} would replace the checkpoint itself")
+    refuse_to_replace_inputs(output, [path])
     tok = _tokenizer(tokenizer) if tokenizer is not None else None  # fail before the big load
 
     report_progress("load", 0, 1)
@@ -237,7 +243,7 @@ def convert_checkpoint(
             meta.extra["verified_max_logit_diff"] = max_diff
             (tmp / META_FILE).write_text(meta.to_json() + "\n", encoding="utf-8")
 
-    with _quiet_transformers():
+    with quiet_weight_bars():
         written = write_atomically(output, write, overwrite=overwrite)
     return ConversionReport(
         path=written,
@@ -329,17 +335,3 @@ def _recorded_config(ckpt: Checkpoint) -> dict[str, Any]:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers' own loading/saving bars would interleave with ours."""
-    from transformers.utils import logging
-
-    was = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            logging.enable_progress_bar()

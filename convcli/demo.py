@@ -115,13 +115,25 @@ def _start(s: DemoSettings) -> None:
     out = s.output
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ConvcliError(f"{out} exists and is not a demo directory; choose another --output")
-    if s.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"data": str(s.data)}) + "\n", encoding="utf-8")
     for name in ("dialogues.jsonl", "contexts.jsonl"):
         if not (s.data / name).is_file():
             raise ConvcliError(f"{s.data / name} not found (--data needs {name})")
+    # What the finished steps were made with: reusing them under other settings would lie.
+    made_with = {"data": str(s.data.resolve()), "steps": s.steps, "seed": s.seed}
+    if s.fresh and out.exists():
+        shutil.rmtree(out)
+    if (out / MARKER).is_file():
+        before = {k: None for k in made_with} | json.loads((out / MARKER).read_text("utf-8"))
+        changed = [
+            f"{k} {before.get(k)} -> {v}" for k, v in made_with.items() if before.get(k) != v
+        ]
+        if changed:
+            raise ConvcliError(
+                f"{out} was made with other settings ({'; '.join(changed)}): "
+                "pass --fresh to start over, or choose another --output"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps(made_with) + "\n", encoding="utf-8")
 
 
 def run_demo(s: DemoSettings) -> Iterator[Event]:

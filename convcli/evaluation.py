@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -224,7 +224,3 @@ def evaluate_responses(
         metrics = response_metrics(responses, references)
         reports.append(ResponseReport(name, len(samples), metrics, shown))
     return reports
-
-
-def to_json(report: LossReport | ResponseReport) -> dict[str, Any]:
-    return asdict(report)

@@ -15,13 +15,13 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convcli import __version__
-from convcli.errors import ConvcliError
+from convcli.errors import ConvcliError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -183,8 +183,12 @@ def load_model_folder(
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    """`gpt2` or `org/name`; anything else that does not exist is a missing folder."""
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+    """`gpt2` or `org/name`; anything else that does not exist is a missing folder, and so
+    is `runs/mdl` when a local `runs/` exists (a typo, not a hub organisation)."""
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is None or name.startswith("."):
+        return False
+    parent = Path(name).parent
+    return parent == Path(".") or not parent.is_dir()
 
 
 def save_model_folder(
@@ -220,6 +224,15 @@ def save_model_folder(
             (tmp / name).write_text(text, encoding="utf-8")
 
     return write_atomically(output, write, overwrite=overwrite)
+
+
+def refuse_to_replace_inputs(output: str | Path, inputs: Sequence[str | Path]) -> None:
+    """An output folder that is, or contains, one of the inputs would destroy it."""
+    out = Path(output).expanduser().resolve()
+    for item in inputs:
+        source = Path(item).expanduser().resolve()
+        if out == source or out in source.parents:
+            raise UsageError(f"--output {output} would replace the input {item}")
 
 
 def write_atomically(

@@ -145,17 +145,8 @@ def build(cls: type[T], values: Mapping[str, Any], source: str = "config") -> T:
     return cls(**coerced)
 
 
-def merge(
-    cls: type[T],
-    config: str | Path | None,
-    given: Mapping[str, Any],
-    defaults: Mapping[str, Any] | None = None,
-) -> T:
+def merge(cls: type[T], config: str | Path | None, given: Mapping[str, Any]) -> T:
     """Settings from `--config` (if any) overridden by the flags actually `given`."""
-    values: dict[str, Any] = dict(defaults or {})
-    source = "config"
-    if config is not None:
-        values.update(read_yaml(config))
-        source = str(config)
-    settings = build(cls, values, source)
+    values = read_yaml(config) if config is not None else {}
+    settings = build(cls, values, str(config) if config is not None else "config")
     return dataclasses.replace(settings, **given)  # type: ignore[type-var]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from convcli import __version__
@@ -18,11 +19,12 @@ def test_version():
     assert result.output.strip() == f"convcli {__version__}"
 
 
-def test_help_and_version_do_not_import_torch():
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"]])
+def test_help_and_version_do_not_import_torch(args):
     code = (
         "import sys\n"
         "from convcli.cli.app import app\n"
-        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
         "heavy = ('torch', 'transformers', 'pytorch_lightning', 'lightning')\n"
         "print([m for m in heavy if m in sys.modules])\n"
     )

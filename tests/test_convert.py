@@ -334,8 +334,11 @@ def test_an_existing_output_needs_overwrite(model, tmp_path, tiny_tokenizer_dir)
 
     assert not (tmp_path / "out" / "old.txt").exists()
     assert (tmp_path / "out" / "model.safetensors").is_file()
-    with pytest.raises(UsageError, match="would replace the checkpoint itself"):
+    with pytest.raises(UsageError, match="would replace the input"):
         convert_checkpoint(ckpt, ckpt, tokenizer=tiny_tokenizer_dir, overwrite=True)
+    # An output folder that holds the checkpoint, named by another path, is refused too.
+    with pytest.raises(UsageError, match="would replace the input"):
+        convert_checkpoint(ckpt, tmp_path / ".." / tmp_path.name, overwrite=True)
     assert ckpt.is_file()
 
 

@@ -33,6 +33,14 @@ def test_refuses_a_directory_that_is_not_a_demo(tmp_path):
     assert (tmp_path / "precious.txt").exists()
 
 
+def test_refuses_to_reuse_steps_made_with_other_settings(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text('{"data": "elsewhere", "steps": 5, "seed": 0}')
+    with pytest.raises(ConvcliError, match=r"made with other settings .*steps 5 -> 700"):
+        next(run_demo(DemoSettings(output=out)))
+
+
 def readme_demo_command() -> list[str]:
     """The `convcli demo ...` part of the README's first setup command."""
     text = (REPO / "README.md").read_text(encoding="utf-8")

@@ -88,7 +88,6 @@ def test_bad_samples_name_the_line(tmp_path):
 
 def test_response_metrics_for_sampling_and_mmi(trained):
     from convcli.inference.mmi import MMIReranker
-    from convcli.metrics import response_metrics
 
     forward, reverse = (ConversationModel.from_pretrained(p, device="cpu") for p in trained)
     unique = list(dict.fromkeys(tuple(d) for d in DIALOGUES))
@@ -101,9 +100,9 @@ def test_response_metrics_for_sampling_and_mmi(trained):
         assert set(report.metrics) == {"distinct_1", "distinct_2", "avg_length", "f1"}
         # The models learnt these dialogues: most replies are right.
         assert report.metrics["f1"] > 0.5
+    # The plain system is the model's own sampling: the same seed gives the same replies.
     plain = forward.generate([s.context for s in samples[:2]], seed=0, do_sample=True, top_k=50)
     assert reports[0].examples[0]["response"] == plain.responses[0]
-    assert response_metrics(plain.responses, [s.reference for s in samples[:2]])["f1"] >= 0
 
 
 def read_samples_from(dialogues) -> list:

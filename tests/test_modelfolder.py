@@ -61,9 +61,13 @@ def test_tokenizer_larger_than_embeddings_is_refused(tiny_tokenizer, tmp_path):
         load_model_folder(out)
 
 
-def test_missing_folder_is_one_clear_error(tmp_path):
+def test_missing_folder_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ConvcliError, match="model folder not found"):
         load_model_folder(tmp_path / "nope")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ConvcliError, match="model folder not found: runs/mdl"):
+        load_model_folder("runs/mdl")  # a typo, not a hub organisation
 
 
 def test_written_folder_has_ordinary_permissions(tiny_model_dir):

@@ -9,7 +9,6 @@ from typing import Annotated, Any
 
 import typer
 
-from convcli.cli.common import info
 from convcli.cli.generate import (
     Device,
     MaxNewTokens,
@@ -94,7 +93,7 @@ def evaluate(
         )
         result["loss"] = loss.__dict__
         if not as_json:
-            info(
+            typer.echo(
                 f"{data} {split}: loss {loss.loss:.4f}, perplexity {loss.perplexity:.2f} "
                 f"over {loss.tokens:,} tokens of {loss.examples:,} examples ({loss.train_on})"
             )
@@ -108,7 +107,7 @@ def evaluate(
         if not as_json:
             for r in reports:
                 m = r.metrics
-                info(
+                typer.echo(
                     f"{r.system:>8}: F1 {m['f1']:.3f}  distinct-1 {m['distinct_1']:.3f}  "
                     f"distinct-2 {m['distinct_2']:.3f}  avg length {m['avg_length']:.1f} words  "
                     f"({r.samples} contexts)"

@@ -32,7 +32,7 @@ from convcli.data.formats import CHUNK_BYTES, BadRecord, Chunk, Corpus, Dialogue
 from convcli.data.prepare_settings import PrepareSettings
 from convcli.data.shards import SPLITS, TOKENIZER_DIR, ShardWriter, ids_dtype, write_manifest
 from convcli.errors import ConvcliError, UsageError
-from convcli.modelfolder import write_atomically
+from convcli.modelfolder import refuse_to_replace_inputs, write_atomically
 from convcli.settings import to_dict, to_yaml
 from convcli.tokenizer import LOSS_RESPONSE, LOSS_WEIGHTED, ConversationTokenizer
 
@@ -103,6 +103,7 @@ def _check(settings: PrepareSettings) -> None:
         raise UsageError(f"--workers: {settings.workers} must be at least 1")
     if settings.shard_tokens < 1:
         raise UsageError(f"shard_tokens: {settings.shard_tokens} must be at least 1")
+    refuse_to_replace_inputs(settings.output, settings.inputs)
 
 
 # -- splitting and windows ------------------------------------------------------------------
@@ -473,9 +474,6 @@ def _sha256(path: Path) -> str:
 
 
 def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> PrepareResult:
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; the output is an ordinary folder
     tokenizer = _tokenizer(settings, progress)
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     encoder = Encoder(tokenizer, settings)

@@ -46,6 +46,10 @@ def check_settings(s: TrainSettings) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
+    if s.reverse and s.train_on == "weights":
+        # DialoGPT weights mark replies; reversed, the only weighted turn would come first
+        # with nothing before it, and the source (the target of MMI) would never be trained.
+        raise UsageError("--reverse cannot use --train-on weights: use responses (the default)")
     if s.learning_rate <= 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.warmup_steps < 0:
         raise UsageError("--learning-rate must be > 0; --weight-decay, --grad-clip, "
                          "--warmup-steps must be >= 0")  # fmt: skip

@@ -197,16 +197,15 @@ def train(
     say = report if report and _rank_zero_before_launch() else (lambda _: None)
     shards, tokenizer = open_shards(s.data)
     checkpoint = find_checkpoint(s)
-    if _rank_zero_before_launch():
-        prepare_output(s, resuming=checkpoint is not None)
-        (s.output / CONFIG_FILE).write_text(to_yaml(s, header="convcli train"), encoding="utf-8")
-
     pl.seed_everything(s.seed, workers=True, verbose=False)
     model, meta = start_model(s, tokenizer)
     config = model.config.to_dict()  # type: ignore[attr-defined]
     identity = data_identity(shards)
     if checkpoint is not None:
         check_resume(checkpoint, s, config, meta.token_types, identity)
+    if _rank_zero_before_launch():  # only once the run is known to be acceptable
+        prepare_output(s, resuming=checkpoint is not None)
+        (s.output / CONFIG_FILE).write_text(to_yaml(s, header="convcli train"), encoding="utf-8")
     module = ConversationLM(to_dict(s), config, to_dict(meta), model=model)
     module.tokenizer_files, module.data_identity = tokenizer_files(tokenizer), identity
     plan = BatchPlan(batch_tokens=s.batch_tokens, batch_size=s.batch_size)
@@ -216,6 +215,13 @@ def train(
         token_types=meta.token_types, seed=s.seed, num_workers=s.num_workers,
     )  # fmt: skip
     lengths = data.train.lengths()
+    positions = context_length(model)
+    too_long = int((data.train.split.lengths() > positions).sum()) if positions else 0
+    if too_long:
+        say(
+            f"warning: {too_long} training examples are longer than the model's {positions} "
+            f"positions and lose their oldest turns; prepare with --max-length {positions}"
+        )
     padding = padding_fraction(data.sampler("train").all_batches(0), lengths)
     params = sum(p.numel() for p in model.parameters())
     say(

@@ -63,6 +63,8 @@ def test_user_mistakes_are_one_line_with_exit_codes(tmp_path, tiny_tokenizer_dir
         (["prepare", str(bad), *tok], 2,
          "error: --output: the shard directory to write is required"),
         (["prepare", str(bad), "-o", "x", "--format", "csv", *tok], 2, ""),
+        (["prepare", str(bad), "-o", str(tmp_path), "--overwrite", *tok], 2,
+         f"error: --output {tmp_path} would replace the input {bad}"),
     ]  # fmt: skip
     for args, code, message in cases:
         result = runner.invoke(app, args)
@@ -70,7 +72,7 @@ def test_user_mistakes_are_one_line_with_exit_codes(tmp_path, tiny_tokenizer_dir
         assert result.stderr.startswith(message) and "Traceback" not in result.stderr
         if code == 1:
             assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and bad.exists()
     skip = runner.invoke(
         app, ["prepare", str(bad), "-o", str(tmp_path / "o"), "--on-error", "skip", *tok]
     )

@@ -59,6 +59,7 @@ def test_bad_config_value_is_one_line(tmp_path):
         ("no-model", [], 2, "exactly one of --model"),
         ("ok", ["--train-on", "most"], 2, "--train-on: 'most' is not one of"),
         ("ok", ["--accumulate", "0"], 2, "--accumulate must be at least 1"),
+        ("ok", ["--reverse", "--train-on", "weights"], 2, "--reverse cannot use --train-on"),
     ],
 )
 def test_bad_input_is_one_line(build, args, code, message, make_shards, tiny_model_dir, tmp_path):
