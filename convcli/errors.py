@@ -22,3 +22,9 @@ class InputError(ConvcliError):
         self.path, self.line, self.reason = path, line, message
         where = f"{path}:{line}: " if path and line else (f"{path}: " if path else "")
         super().__init__(f"{where}{message}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' errors can run for pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convcli import __version__
-from convcli.errors import ConvcliError, UsageError
+from convcli.errors import ConvcliError, UsageError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -170,8 +170,7 @@ def load_model_folder(
         with quiet_weight_bars():
             model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto")
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConvcliError(f"cannot load model {str(name_or_path)!r}: {first}") from exc
+        raise ConvcliError(f"cannot load model {str(name_or_path)!r}: {first_line(exc)}") from exc
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise ConvcliError(

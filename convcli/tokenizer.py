@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from convcli.errors import ConvcliError
+from convcli.errors import ConvcliError, first_line
 
 SEP_FALLBACK = "<sep>"
 
@@ -259,5 +259,6 @@ def load_hf_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:
             return GPT2TokenizerFast.from_pretrained(str(path), **kwargs)
         return AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConvcliError(f"cannot load tokenizer {str(name_or_path)!r}: {first}") from exc
+        raise ConvcliError(
+            f"cannot load tokenizer {str(name_or_path)!r}: {first_line(exc)}"
+        ) from exc

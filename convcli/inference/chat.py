@@ -199,7 +199,9 @@ class ChatSession:
     def say(self, message: str) -> ChatReply:
         context = [*self.opening, *self.history, message]
         response = self.respond(context, len(self.opening))
-        self.history += [message, response.text]
+        # An empty reply would put two seps in a row into the next context, a layout the
+        # model never saw in training; the user's message stays.
+        self.history += [message, response.text] if response.text else [message]
         self.last = response
         self.turns += 1
         if self.transcript:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convcli.errors import ConvcliError, UsageError
+from convcli.errors import ConvcliError, UsageError, first_line
 from convcli.modelfolder import LoadedModel, ModelMeta, load_model_folder
-from convcli.tokenizer import ConversationTokenizer, layout
+from convcli.tokenizer import ConversationTokenizer, layout, truncate_turns
 
 if TYPE_CHECKING:
     import torch
@@ -84,33 +84,17 @@ def fit_turns(
     """
     pinned = [list(t) for t in turn_ids[:keep_first]]
     rest = turn_ids[keep_first:]
-    total = 1 + sum(len(t) + 1 for t in pinned)  # the final sep, then each turn + its sep
+    cost = sum(len(t) + 1 for t in pinned)  # each pinned turn and its sep
     if not rest:
-        if total > budget:
-            raise ConvcliError(f"the kept opening turns take {total} tokens, over the {budget}")
+        if cost + 1 > budget:
+            raise ConvcliError(f"the kept opening turns take {cost + 1} tokens, over the {budget}")
         return pinned
-    if total + 2 > budget:
+    if cost + 3 > budget:
         raise ConvcliError(
-            f"the kept opening turns take {total} tokens, leaving no room in the {budget}-token "
-            "context budget"
+            f"the kept opening turns take {cost + 1} tokens, leaving no room in the "
+            f"{budget}-token context budget"
         )
-    kept: list[list[int]] = []
-    for tokens in reversed(rest):
-        cost = len(tokens) + 1
-        if total + cost > budget:
-            if not kept:
-                room = budget - total - 1
-                kept.append(list(tokens[len(tokens) - room :]))
-            break
-        kept.append(list(tokens))
-        total += cost
-    kept.reverse()
-    return pinned + kept
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return pinned + truncate_turns(rest, budget - cost)
 
 
 class ConversationModel:
@@ -316,7 +300,7 @@ class ConversationModel:
                 )
         except (ValueError, TypeError) as exc:
             # transformers rejects bad option combinations with ValueError/TypeError.
-            raise UsageError(f"generation options rejected: {_first_line(exc)}") from exc
+            raise UsageError(f"generation options rejected: {first_line(exc)}") from exc
 
     def _shared_prefill(
         self, tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any]

@@ -57,6 +57,20 @@ def test_history_commands_and_opening_turns():
     assert session.handle("/quit").quit and session.handle("/EXIT").quit
 
 
+def test_an_empty_reply_stays_out_of_the_history():
+    contexts: list[list[str]] = []
+    replies = iter(["", "reply"])
+
+    def respond(context: list[str], keep_first: int) -> Response:
+        contexts.append(list(context))
+        return Response(next(replies))
+
+    session = ChatSession(respond)
+    assert session.handle("Hello").text == ""
+    session.handle("Anyone?")
+    assert contexts[-1] == ["Hello", "Anyone?"]  # no empty turn between them
+
+
 def test_candidates_are_shown_on_request_and_every_turn():
     session = ChatSession(FakeModel())
     assert "no candidates" in session.handle("/candidates").notes[0]
