@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from convcli.data.prepare import PrepareSettings, prepare, sliding_windows
+from convcli.data.examples import sliding_windows
+from convcli.data.prepare import PrepareSettings, prepare
 from convcli.data.shards import Shards
 from convcli.errors import ConvcliError, InputError, UsageError
 from convcli.tokenizer import LOSS_RESPONSE, LOSS_WEIGHTED, ConversationTokenizer

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from convcli.data import prepare as prepare_module
-from convcli.data.prepare import PrepareSettings, lay_out, prepare, sliding_windows
+from convcli.data.examples import lay_out, sliding_windows
+from convcli.data.prepare import PrepareSettings, prepare
 from convcli.errors import InputError
 from convcli.tokenizer import LOSS_RESPONSE, LOSS_WEIGHTED, layout
 from tests.conftest import DIALOGUES
