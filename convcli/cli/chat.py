@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from convcli.cli.common import info, stdin_is_terminal
-from convcli.cli.generate import (
+from convcli.cli.options import (
     Device,
     ExtraOption,
     MaxNewTokens,

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from convcli.cli.generate import (
+from convcli.cli.options import (
     Device,
     MaxNewTokens,
     MMIArgmax,
