@@ -32,7 +32,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Every benchmark script; each prints ratios against a baseline run in the same process."""
+    """The benchmarks (all, or those named: `nox -s bench -- mmi_turn`); each prints ratios
+    against a baseline run in the same process."""
     _install(session)
+    chosen = set(session.posargs)
     for script in sorted(Path("benchmarks").glob("*.py")):
-        session.run("python", str(script), *session.posargs)
+        if not chosen or script.stem in chosen:
+            session.run("python", str(script))

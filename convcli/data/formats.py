@@ -135,7 +135,7 @@ def expand_inputs(patterns: Iterable[str | Path]) -> tuple[list[Path], list[str]
         if path.exists() or not glob.has_magic(text):
             matches = [path] if path.is_file() else []
         else:
-            matches = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
+            matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]  # ~ too
             matches = [p for p in matches if p.is_file()]
         if not matches:
             missing.append(text)

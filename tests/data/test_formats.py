@@ -159,3 +159,15 @@ def test_any_chunk_size_gives_the_same_records(tmp_path):
         assert len(chunks) > 10
         got = [r for c in chunks for r in ([c] if isinstance(c, BadRecord) else parse_chunk(c))]
         assert got == expected
+
+
+def test_globs_expand_a_quoted_home_directory(tmp_path, monkeypatch):
+    from convcli.data.formats import expand_inputs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "d").mkdir()
+    for name in ("b.jsonl", "a.jsonl", "c.txt"):
+        (tmp_path / "d" / name).write_text("[]\n")
+    files, missing = expand_inputs(["~/d/*.jsonl", "~/d/none*.tsv"])
+    assert [f.name for f in files] == ["a.jsonl", "b.jsonl"]
+    assert missing == ["~/d/none*.tsv"]
