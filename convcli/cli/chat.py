@@ -189,7 +189,7 @@ def chat(
     log = Transcript(transcript) if transcript is not None else None
     if log is not None:
         if resume_transcript:
-            log.write("resume")
+            log.write("resume", context=opening)
         else:
             log.write(
                 "start",

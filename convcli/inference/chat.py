@@ -120,6 +120,8 @@ def load_transcript(path: str | Path) -> TranscriptState:
         event = record.get("event")
         if event == "start":
             state = TranscriptState(list(record.get("context") or []), [], record)
+        elif event == "resume" and "context" in record:
+            state.opening = list(record["context"] or [])  # a resume may set a new persona
         elif event == "reset":
             state.history = []
         elif event == "turn":
@@ -128,7 +130,7 @@ def load_transcript(path: str | Path) -> TranscriptState:
                 raise InputError(
                     "a turn needs 'user' and 'bot' strings", path=str(path), line=number
                 )
-            state.history += [user, bot]
+            state.history += [user, bot] if bot else [user]  # as ChatSession keeps it
     return state
 
 

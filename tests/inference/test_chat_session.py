@@ -110,6 +110,20 @@ def test_transcript_is_written_as_it_happens_and_resumes(tmp_path):
     assert fake.calls[0][0] == ["Persona.", "こんにちは", "reply 2", "More", "reply 3", "Next"]
 
 
+def test_a_resume_with_a_new_persona_is_remembered(tmp_path):
+    path = tmp_path / "t.jsonl"
+    lines = [
+        {"event": "start", "context": ["I am old."]},
+        {"event": "turn", "user": "Hi", "bot": "Hello"},
+        {"event": "resume", "context": ["I am new."]},
+        {"event": "turn", "user": "Again", "bot": ""},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    state = load_transcript(path)
+    assert state.opening == ["I am new."]
+    assert state.history == ["Hi", "Hello", "Again"]  # an empty reply is not a turn
+
+
 def test_a_half_written_last_line_is_ignored_but_a_bad_line_is_an_error(tmp_path):
     path = tmp_path / "chat.jsonl"
     good = json.dumps({"event": "turn", "user": "a", "bot": "b"})
