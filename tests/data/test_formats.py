@@ -48,7 +48,7 @@ def test_the_real_dialogpt_tsv(tmp_path):
     from tests.conftest import DIALOGPT_DATA
 
     if not (DIALOGPT_DATA / "train_raw.tsv").is_file():
-        pytest.skip(f"DialoGPT data not at {DIALOGPT_DATA}")
+        pytest.skip(f"the DialoGPT sample data is not at {DIALOGPT_DATA} (../shared is absent)")
     got = records(DIALOGPT_DATA / "train_raw.tsv")
     assert len(got) == 10000 and all(isinstance(d, Dialogue) for d in got)
     assert got[0].turns == ["what are you doing for a living ?", "i am a admin ."]
