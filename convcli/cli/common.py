@@ -56,3 +56,33 @@ def given_flags(ctx: typer.Context, values: Mapping[str, Any]) -> dict[str, Any]
 
 def stdin_is_terminal() -> bool:
     return sys.stdin.isatty()
+
+
+class StageBars:
+    """A `progress(stage, done, total)` callback for core functions: one tqdm bar per stage,
+    on stderr. Use it as a context manager so the last bar closes even on errors."""
+
+    def __init__(self, label: Callable[[str], str] = str, **tqdm_options: Any) -> None:
+        self.label, self.options = label, tqdm_options
+        self.stage: str | None = None
+        self.bar: Any = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=self.label(stage), file=sys.stderr, **self.options)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> StageBars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

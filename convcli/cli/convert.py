@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from convcli.cli.common import info
+from convcli.cli.common import StageBars, info
 
 
 class Dtype(str, Enum):
@@ -77,8 +76,7 @@ def convert(
     """
     from convcli.convert import convert_checkpoint
 
-    bars = _Bars()
-    try:
+    with StageBars(label=lambda stage: f"{stage:<7}", leave=True) as bars:
         report = convert_checkpoint(
             checkpoint,
             output,
@@ -92,8 +90,6 @@ def convert(
             overwrite=overwrite,
             progress=bars,
         )
-    finally:
-        bars.close()
     if report.dropped:
         info(f"dropped {len(report.dropped)} keys: {_dropped(report.dropped)}")
     for note in report.notes:
@@ -106,25 +102,3 @@ def _dropped(keys: list[str]) -> str:
     others = [k for k in keys if k not in buffers]
     parts = [f"{len(buffers)} causal-mask buffers (h.*.attn.bias/masked_bias)"] if buffers else []
     return ", ".join(parts + others)
-
-
-class _Bars:
-    """One tqdm bar per stage (load, convert, save, verify) on stderr."""
-
-    def __init__(self) -> None:
-        self.stage: str | None = None
-        self.bar: Any = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=total, desc=f"{stage:<7}", file=sys.stderr, leave=True)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

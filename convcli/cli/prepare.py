@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from convcli.cli.common import given_flags, info
+from convcli.cli.common import StageBars, given_flags, info
 from convcli.data.prepare_settings import PrepareSettings
 
 _D = PrepareSettings()
@@ -98,28 +98,15 @@ def prepare(
     """
     values = dict(locals())  # first: the options, nothing else
     del values["ctx"], values["config"]
-    from tqdm import tqdm
-
     from convcli.data.prepare import prepare as run
 
     settings = _merge(ctx, config, values)
-    bars: dict[str, tqdm] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage not in bars:
-            for bar in bars.values():
-                bar.close()
-            label = "training tokenizer" if stage == "tokenizer" else "preparing"
-            bars[stage] = tqdm(
-                total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, leave=False
-            )
-        bars[stage].update(done - bars[stage].n)
-
-    try:
-        result = run(settings, progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
+    label = {"tokenizer": "training tokenizer"}.get
+    with StageBars(
+        lambda stage: label(stage, "preparing"),
+        unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+    ) as bars:  # fmt: skip
+        result = run(settings, bars)
     skipped = sum(result.skipped.values())
     reasons = ", ".join(f"{n} {reason}" for reason, n in result.skipped.items())
     split = ", ".join(f"{s} {d['examples']}" for s, d in result.splits.items())
