@@ -198,16 +198,12 @@ class MMIReranker:
         """
         batch = _as_batch(list(contexts))
         fwd = self.forward
-        turn_ids, tensors, max_new = fwd.prepare(
-            batch,
-            max_new_tokens=hf_kwargs.pop("max_new_tokens", None),
-            max_length=hf_kwargs.pop("max_length", None),
-            max_context_tokens=max_context_tokens,
-            keep_first_turns=keep_first_turns,
-        )
         options = {**DEFAULT_SAMPLING, **hf_kwargs, "num_return_sequences": self.num_candidates}
-        sequences = fwd.generate_ids(tensors, max_new, seed=seed, **options)
-        cand_ids = fwd.response_ids(sequences, tensors["input_ids"].shape[1])
+        sampled = fwd.sample(
+            batch, seed=seed, max_context_tokens=max_context_tokens,
+            keep_first_turns=keep_first_turns, **options,
+        )  # fmt: skip
+        turn_ids, cand_ids = sampled.turn_ids, sampled.response_ids
         texts = [fwd.tokenizer.decode(ids) for ids in cand_ids]
 
         k = self.num_candidates

@@ -74,6 +74,18 @@ class GenerationResult:
         return self.text
 
 
+@dataclass
+class Sampled:
+    """What `ConversationModel.sample` made: the fitted contexts and the replies' ids."""
+
+    turn_ids: list[list[list[int]]]
+    """Each context's turns as fed to the model (after truncation)."""
+    tensors: dict[str, torch.Tensor]
+    max_new_tokens: int
+    response_ids: list[list[int]]
+    """Each generated sequence's reply, cut at the first sep (contexts x samples)."""
+
+
 def fit_turns(
     turn_ids: Sequence[Sequence[int]], budget: int, keep_first: int = 0
 ) -> list[list[int]]:
@@ -225,24 +237,41 @@ class ConversationModel:
         first turns (a persona) when oldest turns are dropped.
         """
         batch = _as_batch(context)
-        _, tensors, max_new = self.prepare(
+        k = int(hf_kwargs.get("num_return_sequences") or 1)
+        sampled = self.sample(
+            batch, seed=seed, max_context_tokens=max_context_tokens,
+            keep_first_turns=keep_first_turns, **hf_kwargs,
+        )  # fmt: skip
+        return GenerationResult(
+            contexts=[list(c) for c in batch],
+            responses=[self.tokenizer.decode(ids) for ids in sampled.response_ids],
+            num_return_sequences=k,
+            token_ids=sampled.response_ids if return_token_ids else None,
+            context_lengths=[int(n) for n in sampled.tensors["attention_mask"].sum(1).tolist()],
+            max_new_tokens=sampled.max_new_tokens,
+        )
+
+    def sample(
+        self,
+        batch: Sequence[Sequence[str]],
+        *,
+        seed: int | None = None,
+        max_context_tokens: int | None = None,
+        keep_first_turns: int = 0,
+        **hf_kwargs: Any,
+    ) -> Sampled:
+        """The path `generate` and MMI share: fit and pad the contexts, run one Hugging Face
+        `generate` call, cut each sequence's reply at its sep."""
+        turn_ids, tensors, max_new = self.prepare(
             batch,
             max_new_tokens=hf_kwargs.pop("max_new_tokens", None),
             max_length=hf_kwargs.pop("max_length", None),
             max_context_tokens=max_context_tokens,
             keep_first_turns=keep_first_turns,
         )
-        k = int(hf_kwargs.get("num_return_sequences") or 1)
         sequences = self.generate_ids(tensors, max_new, seed=seed, **hf_kwargs)
-        responses_ids = self.response_ids(sequences, tensors["input_ids"].shape[1])
-        return GenerationResult(
-            contexts=[list(c) for c in batch],
-            responses=[self.tokenizer.decode(ids) for ids in responses_ids],
-            num_return_sequences=k,
-            token_ids=responses_ids if return_token_ids else None,
-            context_lengths=[int(n) for n in tensors["attention_mask"].sum(1).tolist()],
-            max_new_tokens=max_new,
-        )
+        replies = self.response_ids(sequences, tensors["input_ids"].shape[1])
+        return Sampled(turn_ids, tensors, max_new, replies)
 
     def prepare(
         self,
