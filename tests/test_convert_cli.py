@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +22,13 @@ def pkl(tmp_path, tiny_tokenizer):
     return save(dialogpt_state(model, prefix="module."), tmp_path / "small_ft.pkl")
 
 
+def convert_args(checkpoint: Path, out: Path, tokenizer: Path) -> list[str]:
+    return ["convert", str(checkpoint), "-o", str(out), "--tokenizer", str(tokenizer)]
+
+
 def test_convert_writes_a_folder_and_one_summary_line(pkl, tmp_path, tiny_tokenizer_dir):
     out = tmp_path / "out"
-    args = ["convert", str(pkl), "-o", str(out), "--tokenizer", str(tiny_tokenizer_dir)]
+    args = convert_args(pkl, out, tiny_tokenizer_dir)
     result = runner.invoke(app, [*args, "--n-head", "4", "--reverse"])
 
     assert result.exit_code == 0, result.stderr
@@ -47,14 +52,7 @@ def test_convert_writes_a_folder_and_one_summary_line(pkl, tmp_path, tiny_tokeni
     ],
 )
 def test_bad_options(extra, code, message, pkl, tmp_path, tiny_tokenizer_dir):
-    args = [
-        "convert",
-        str(pkl),
-        "-o",
-        str(tmp_path / "out"),
-        "--tokenizer",
-        str(tiny_tokenizer_dir),
-    ]
+    args = convert_args(pkl, tmp_path / "out", tiny_tokenizer_dir)
     result = runner.invoke(app, [*args, *extra])
 
     assert result.exit_code == code
@@ -67,7 +65,7 @@ def test_bad_file_is_one_line_and_exit_1(tmp_path, tiny_tokenizer_dir):
     bad.write_text("not weights")
     result = runner.invoke(
         app,
-        ["convert", str(bad), "-o", str(tmp_path / "out"), "--tokenizer", str(tiny_tokenizer_dir)],
+        convert_args(bad, tmp_path / "out", tiny_tokenizer_dir),
     )
 
     assert result.exit_code == 1
@@ -81,14 +79,7 @@ def test_bad_file_is_one_line_and_exit_1(tmp_path, tiny_tokenizer_dir):
 
 def test_existing_output_is_refused_without_overwrite(pkl, tmp_path, tiny_tokenizer_dir):
     (tmp_path / "out").mkdir()
-    args = [
-        "convert",
-        str(pkl),
-        "-o",
-        str(tmp_path / "out"),
-        "--tokenizer",
-        str(tiny_tokenizer_dir),
-    ]
+    args = convert_args(pkl, tmp_path / "out", tiny_tokenizer_dir)
 
     refused = runner.invoke(app, args)
     replaced = runner.invoke(app, [*args, "--overwrite", "--n-head", "4", "--no-verify"])
