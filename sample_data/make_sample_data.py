@@ -1,6 +1,6 @@
 """Generate convcli's sample corpus: templated small talk, deterministic, our own text.
 
-    python sample_data/make_sample_data.py      # rewrites the files next to this script
+    python sample_data/make_sample_data.py      # rewrites the files it writes (below)
 
 Each answer follows from the question just asked (a name is echoed, each city has one
 weather, each food is liked or not, each number is followed by the next), so a tiny model
@@ -9,6 +9,9 @@ with their answers in any order, and sometimes a goodbye; English and Japanese. 
 the same dialogues as JSONL, DialoGPT TSV (with weights) and plain text, plus held-out
 contexts for demos: known words in combinations that no corpus dialogue contains (the
 answer depends only on the last question, which the corpus teaches).
+
+The JSONL corpus and the contexts are what `convcli demo` reads, so they ship inside the
+package (convcli/apps/demo_data/); the TSV and text forms stay here, for the README and tests.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+BUNDLED = HERE.parent / "convcli" / "apps" / "demo_data"
 SEED = 2024
 DIALOGUES = 2000
 
@@ -143,7 +147,7 @@ def main() -> None:
         d = dialogue(rng)
         if not any(contains(d, context["turns"]) for context in HELD_OUT):
             dialogues.append(d)
-    with open(HERE / "dialogues.jsonl", "w", encoding="utf-8") as f:
+    with open(BUNDLED / "dialogues.jsonl", "w", encoding="utf-8") as f:
         for d in dialogues:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
     with open(HERE / "dialogues.tsv", "w", encoding="utf-8") as f:
@@ -151,7 +155,7 @@ def main() -> None:
             f.write(tsv_line(d) + "\n")
     with open(HERE / "dialogues.txt", "w", encoding="utf-8") as f:
         f.write("\n\n".join("\n".join(d) for d in dialogues) + "\n")
-    with open(HERE / "contexts.jsonl", "w", encoding="utf-8") as f:
+    with open(BUNDLED / "contexts.jsonl", "w", encoding="utf-8") as f:
         for context in HELD_OUT:
             f.write(json.dumps(context, ensure_ascii=False) + "\n")
 

@@ -1,4 +1,4 @@
-"""`convcli demo`: a thin face on `convcli.demo.run_demo`."""
+"""`convcli demo`: a thin face on `convcli.apps.demo.run_demo`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
+from convcli.apps.demo import CHAT_TEMPERATURE, DemoSettings, Exchange, Step, StepDone
 from convcli.cli.common import info
-from convcli.demo import CHAT_TEMPERATURE, SAMPLE_DATA, DemoSettings, Exchange, Step, StepDone
 
 DEFAULTS = DemoSettings()
 
@@ -24,12 +24,15 @@ def demo(
         int, typer.Option(min=1, help="MMI candidates per reply.")
     ] = DEFAULTS.num_candidates,
     data: Annotated[
-        Path,
-        typer.Option(help="Folder with dialogues.jsonl and contexts.jsonl.", show_default=False),
-    ] = SAMPLE_DATA,
+        Path | None,
+        typer.Option(
+            help="Folder with dialogues.jsonl and contexts.jsonl (default: the bundled sample).",
+            show_default=False,
+        ),
+    ] = DEFAULTS.data,
     device: Annotated[str | None, typer.Option(help="Device for the chat.")] = None,
 ) -> None:
-    """Run the whole pipeline on the sample data: prepare, train, reverse, MMI chat.
+    """Run the whole pipeline on the bundled sample data: prepare, train, reverse, MMI chat.
 
     Takes one to two minutes on two CPU cores and downloads nothing. Each step
     prints the convcli command that does the same, and a rerun reuses finished
@@ -39,7 +42,7 @@ def demo(
 
       convcli demo --output runs/demo
     """
-    from convcli.demo import run_demo
+    from convcli.apps.demo import run_demo
 
     settings = DemoSettings(
         output=output, data=data, steps=steps, seed=seed, num_candidates=num_candidates,

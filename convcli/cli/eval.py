@@ -69,7 +69,7 @@ def evaluate(
     [b]Examples[/b]
 
       convcli eval runs/demo/forward/final --data runs/demo/shards
-      convcli eval runs/demo/forward/final --input sample_data/contexts.jsonl \\
+      convcli eval runs/demo/forward/final --input convcli/apps/demo_data/contexts.jsonl \\
           --reverse-model runs/demo/reverse/final --json
 
     Response metrics: distinct-1/2 (variety), unigram F1 against the references, and

@@ -94,7 +94,7 @@ def prepare(
 
     Example:
 
-        convcli prepare sample_data/dialogues.jsonl -o shards --train-tokenizer --vocab-size 1000
+        convcli prepare sample_data/dialogues.tsv -o shards --train-tokenizer --vocab-size 1000
     """
     values = dict(locals())  # first: the options, nothing else
     del values["ctx"], values["config"]

@@ -1,4 +1,4 @@
-"""`convcli demo`: the whole pipeline on the embedded sample data, in a few minutes of CPU.
+"""`convcli demo`: the whole pipeline on the bundled sample data, in a few minutes of CPU.
 
 prepare (training a tokenizer) -> train a forward model -> train a reverse model ->
 an MMI chat on held-out contexts. Each step is the core function behind a real
@@ -13,7 +13,9 @@ import os
 import shlex
 import shutil
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +25,11 @@ if TYPE_CHECKING:
     from convcli.training.fit import TrainResult
     from convcli.training.settings import TrainSettings
 
-SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
 MARKER = "demo.json"
+# The sample corpus ships inside the package (package data), so an ordinary install has it.
+# sample_data/make_sample_data.py in the source tree writes it.
+BUNDLED = "bundled"
+CORPUS, CONTEXTS = "dialogues.jsonl", "contexts.jsonl"
 
 
 @dataclass
@@ -33,8 +38,9 @@ class DemoSettings:
 
     output: Path = Path("runs/demo")
     """Where everything goes: shards/, forward/, reverse/."""
-    data: Path = SAMPLE_DATA
-    """A folder with dialogues.jsonl (to train on) and contexts.jsonl (held-out contexts)."""
+    data: Path | None = None
+    """A folder with dialogues.jsonl (to train on) and contexts.jsonl (held-out contexts);
+    None: the sample corpus bundled with convcli."""
     steps: int = 700
     """Optimizer steps for each of the two models."""
     seed: int = 0
@@ -111,15 +117,30 @@ def _train_settings(s: DemoSettings, shards: Path, run: Path, reverse: bool) -> 
     )  # fmt: skip
 
 
+def _data_files(s: DemoSettings, stack: ExitStack) -> tuple[Path, Path]:
+    """The corpus and the held-out contexts as files on disk, for as long as `stack` is open
+    (a bundled file inside a zipped install is extracted to a temporary file)."""
+    if s.data is None:
+        bundled = files("convcli.apps") / "demo_data"
+        paths = [stack.enter_context(as_file(bundled / name)) for name in (CORPUS, CONTEXTS)]
+        for path in paths:
+            if not path.is_file():  # a broken install, not a user mistake: say where
+                raise ConvcliError(f"{path} not found: the bundled sample data is missing")
+    else:
+        paths = [s.data / name for name in (CORPUS, CONTEXTS)]
+        for path in paths:
+            if not path.is_file():
+                raise ConvcliError(f"{path} not found (data needs {path.name})")
+    return paths[0], paths[1]
+
+
 def _start(s: DemoSettings) -> None:
     out = s.output
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ConvcliError(f"{out} exists and is not a demo directory; choose another --output")
-    for name in ("dialogues.jsonl", "contexts.jsonl"):
-        if not (s.data / name).is_file():
-            raise ConvcliError(f"{s.data / name} not found (--data needs {name})")
     # What the finished steps were made with: reusing them under other settings would lie.
-    made_with = {"data": str(s.data.resolve()), "steps": s.steps, "seed": s.seed}
+    data = BUNDLED if s.data is None else str(s.data.resolve())
+    made_with = {"data": data, "steps": s.steps, "seed": s.seed}
     if s.fresh and out.exists():
         shutil.rmtree(out)
     if (out / MARKER).is_file():
@@ -138,12 +159,17 @@ def _start(s: DemoSettings) -> None:
 
 def run_demo(s: DemoSettings) -> Iterator[Event]:
     """Run (or resume) the demo, yielding what happens for the CLI to show."""
+    with ExitStack() as stack:
+        corpus, contexts = _data_files(s, stack)
+        _start(s)
+        yield from _run(s, corpus, contexts)
+
+
+def _run(s: DemoSettings, corpus: Path, contexts: Path) -> Iterator[Event]:
     from convcli.data.prepare import PrepareSettings, prepare
     from convcli.data.shards import Shards
 
-    _start(s)
     shards, forward, reverse = s.output / "shards", s.output / "forward", s.output / "reverse"
-    corpus = s.data / "dialogues.jsonl"
 
     try:
         Shards(shards)
@@ -173,7 +199,7 @@ def run_demo(s: DemoSettings) -> Iterator[Event]:
         "--seed", str(s.seed),
     ])  # fmt: skip
     yield Step(4, "chat on held-out contexts, replies reranked by MMI", chat, reused=False)
-    yield from _chat(s, forward / "final", reverse / "final")
+    yield from _chat(s, forward / "final", reverse / "final", contexts)
 
 
 def _threads_each() -> int:
@@ -269,7 +295,9 @@ def _fit_and_send(send: Any, settings: TrainSettings, threads: int) -> None:
         send.send((False, exc))
 
 
-def _chat(s: DemoSettings, forward_dir: Path, reverse_dir: Path) -> Iterator[Exchange]:
+def _chat(
+    s: DemoSettings, forward_dir: Path, reverse_dir: Path, contexts: Path
+) -> Iterator[Exchange]:
     from convcli.evaluation import read_samples
     from convcli.inference.mmi import MMIReranker
     from convcli.inference.model import ConversationModel
@@ -277,7 +305,7 @@ def _chat(s: DemoSettings, forward_dir: Path, reverse_dir: Path) -> Iterator[Exc
     forward = ConversationModel.from_pretrained(forward_dir, device=s.device)
     reverse = ConversationModel.from_pretrained(reverse_dir, device=s.device)
     reranker = MMIReranker(forward, reverse, num_candidates=s.num_candidates)
-    samples = read_samples(s.data / "contexts.jsonl")
+    samples = read_samples(contexts)
     results = reranker.respond_batch([x.context for x in samples], seed=s.seed, **CHAT_SAMPLING)
     for sample, result in zip(samples, results, strict=True):
         candidates = [(c.text, c.score) for c in result.candidates]
