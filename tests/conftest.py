@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny tokenizers and models built on the fly; nothing is downloaded."""
+"""Shared fixtures: tiny tokenizers and models built on the fly; nothing is downloaded.
+
+Every fixture that builds a model lives here, once, with session scope: the trained pair
+(`trained`) costs a few seconds and every test module that needs it shares the same one.
+"""
 
 from __future__ import annotations
 
@@ -79,6 +83,64 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
     model = tiny_gpt2(len(tokenizer))
     meta = ModelMeta(token_types=True, sep_token_id=tokenizer.sep_token_id, made_by="test")
     return save_model_folder(model, tokenizer, meta, tmp_path_factory.mktemp("m") / "model")
+
+
+def train_tiny(
+    tokenizer, dialogues: Sequence[Sequence[str]], *, token_types: bool, steps: int = 250
+):
+    """A tiny GPT-2 fitted on the dialogues' seed layout with plain torch (full batch)."""
+    import torch
+
+    from convcli.tokenizer import layout
+
+    model = tiny_gpt2(len(tokenizer), seed=1).train()
+    rows = [layout(tokenizer.encode_turns(d), tokenizer.sep_token_id) for d in dialogues]
+    width = max(len(ids) for ids, _, _ in rows)
+    ids = torch.tensor([r[0] + [0] * (width - len(r[0])) for r in rows])
+    types = torch.tensor([r[1] + [0] * (width - len(r[1])) for r in rows])
+    labels = torch.tensor([r[0] + [-100] * (width - len(r[0])) for r in rows])
+    extra = {"token_type_ids": types} if token_types else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: threads only fight over the shared cores
+    try:
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=labels, **extra).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def reverse_pairs(dialogues: Sequence[Sequence[str]]) -> list[list[str]]:
+    """(reply, message) pairs: what a reverse model learns, as DialoGPT's did."""
+    return [[d[i + 1], d[i]] for d in dialogues for i in range(len(d) - 1)]
+
+
+@pytest.fixture(scope="session")
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path
+) -> tuple[Path, Path]:
+    """Tiny models that have learnt DIALOGUES, trained in seconds: (forward folder with
+    token types, reverse folder without), built once per session."""
+    from convcli.modelfolder import ModelMeta, save_model_folder
+    from convcli.tokenizer import ConversationTokenizer
+
+    tokenizer = ConversationTokenizer.from_pretrained(tiny_tokenizer_dir)
+    root = tmp_path_factory.mktemp("trained")
+    unique = [list(d) for d in dict.fromkeys(tuple(d) for d in DIALOGUES)]
+    forward = train_tiny(tokenizer, unique, token_types=True)
+    reverse = train_tiny(tokenizer, reverse_pairs(unique), token_types=False)
+    sep = tokenizer.sep_token_id
+    forward_dir = save_model_folder(
+        forward, tokenizer, ModelMeta(token_types=True, sep_token_id=sep), root / "forward"
+    )
+    reverse_meta = ModelMeta(token_types=False, sep_token_id=sep, reverse=True)
+    reverse_dir = save_model_folder(reverse, tokenizer, reverse_meta, root / "reverse")
+    return forward_dir, reverse_dir
 
 
 @pytest.fixture

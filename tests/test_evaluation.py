@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +14,8 @@ from convcli.evaluation import evaluate_loss, evaluate_responses, read_samples
 from convcli.inference.model import ConversationModel
 from convcli.tokenizer import LOSS_RESPONSE
 from tests.conftest import DIALOGUES
-from tests.inference.trained_models import trained_model_dirs
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
-    return trained_model_dirs(tmp_path_factory, tiny_tokenizer_dir)
 
 
 def test_loss_is_per_token_over_the_whole_split(tiny_model_dir, make_shards):

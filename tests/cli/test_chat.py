@@ -3,18 +3,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from convcli.cli.app import app
-from tests.inference.trained_models import trained_model_dirs
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
-    return trained_model_dirs(tmp_path_factory, tiny_tokenizer_dir)
 
 
 def chat(*args, input: str):

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,12 +8,6 @@ from convcli.inference.model import ConversationModel, GenerationResult, fit_tur
 from convcli.modelfolder import ModelMeta, save_model_folder
 from convcli.tokenizer import ConversationTokenizer, layout_length
 from tests.conftest import DIALOGUES, tiny_gpt2
-from tests.inference.trained_models import trained_model_dirs
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
-    return trained_model_dirs(tmp_path_factory, tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
