@@ -25,16 +25,32 @@ def test_prints_exactly_the_reply_on_stdout(trained):
     assert expected == DIALOGUES[0][1]
 
 
-def test_sampling_options_seed_and_several_sequences(trained):
+def test_do_sample_samples_and_the_seed_repeats_it(trained):
     forward, _ = trained
-    args = [forward, "Do you like tea?", "--do-sample", "--temperature", "3", "--top-k", "0"]
-    first = generate(*args, "-n", "3", "--seed", "5", "--max-new-tokens", "6")
-    again = generate(*args, "-n", "3", "--seed", "5", "--max-new-tokens", "6")
-    assert first.exit_code == 0, first.stderr
-    assert len(first.stdout.splitlines()) == 3
+    context = [forward, "Do you like tea?", "--max-new-tokens", "6"]
+    hot = ["--do-sample", "--temperature", "3", "--top-k", "0", "-n", "3"]
+    greedy = generate(*context)
+    first = generate(*context, *hot, "--seed", "5")
+    again = generate(*context, *hot, "--seed", "5")
+    other_seed = generate(*context, *hot, "--seed", "6")
+    for result in (greedy, first, again, other_seed):
+        assert result.exit_code == 0, result.stderr
+    # The model has learnt this dialogue: greedy decoding gives its reply (cut to 6 tokens).
+    assert DIALOGUES[2][1].startswith(greedy.stdout.strip())
+    # At temperature 3 with top-k off, three samples are three different replies, none
+    # of them the greedy one: a run that ignored --do-sample would print greedy thrice
+    # (or fail on -n 3).
+    replies = first.stdout.splitlines()
+    assert len(replies) == 3 and len(set(replies)) == 3, replies
+    assert greedy.stdout.strip() not in replies
     assert first.stdout == again.stdout
-    extra = generate(forward, "Hello", "-o", "num_beams=2", "-o", "bad_words_ids=[[5]]")
+    assert other_seed.stdout != first.stdout
+
+
+def test_other_generate_options_pass_through(trained):
+    extra = generate(trained[0], "Hello", "-o", "num_beams=2", "-o", "bad_words_ids=[[5]]")
     assert extra.exit_code == 0, extra.stderr
+    assert extra.stdout.strip()
 
 
 def test_json_with_mmi(trained):

@@ -151,9 +151,22 @@ def test_responder_keeps_the_opening_turns_within_the_history_budget(tiny_model_
     assert seen[0].shape[1] == budget
 
 
-def test_a_huge_message_is_cut_to_fit(tiny_model_dir):
+def test_a_huge_message_is_cut_to_its_end_to_fit(tiny_model_dir):
     model = ConversationModel.from_pretrained(tiny_model_dir, device="cpu")
-    respond = make_responder(model, max_new_tokens=4, do_sample=True)
-    response = respond(["x" * 10_000], 0)
-    assert isinstance(response.text, str)
-    assert response.new_tokens <= 4
+    seen: list[torch.Tensor] = []
+    model.model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"]), with_kwargs=True
+    )
+    message = "tea " * 3000 + "Where do you live?"
+    options = {"max_new_tokens": 4, "do_sample": True, "seed": 0}
+    response = make_responder(model, **options)([message], 0)
+    # The model saw one turn: the message's last tokens, as many as fit its positions
+    # with room for the reply (so the question at its end is what gets answered).
+    sep, budget = model.tokenizer.sep_token_id, model.model.config.n_positions - 4
+    tail = model.tokenizer.encode(message)[-(budget - 2) :]
+    assert seen[0][0].tolist() == [sep, *tail, sep]
+    assert model.tokenizer.decode(tail).endswith("tea tea Where do you live?")
+    # ... and the reply is the one `generate` gives for that message.
+    expected = model.generate([message], return_token_ids=True, **options)
+    assert (response.text, response.new_tokens) == (expected.text, len(expected.token_ids[0]))
+    assert 1 <= response.new_tokens <= 4
