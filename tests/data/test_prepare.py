@@ -78,15 +78,22 @@ def test_every_format_gives_the_same_examples(tmp_path, run):
 
 def test_tsv_weights_become_loss_flags(tmp_path, run):
     (tmp_path / "w.tsv").write_text("0.0 Hello EOS 1.0 Hi there\t0.0 Me too\n")
-    example = Shards(run(tmp_path / "w.tsv").output).split("train")[0]
-    turns = []
-    for token, flag in zip(example.ids.tolist(), example.mask.tolist(), strict=True):
-        if token == 0:  # sep: closes the previous turn, starts a new one
-            turns.append([])
-            continue
-        turns[-1].append(flag)
-    # Turn 0 (weight 0) is context; turn 1 (weight 1) is trained; turn 2 is a reply of weight 0.
-    assert [set(t) for t in turns[:3]] == [{0}, {LOSS_RESPONSE | LOSS_WEIGHTED}, {LOSS_RESPONSE}]
+    shards = Shards(run(tmp_path / "w.tsv").output)
+    example = shards.split("train")[0]
+    tokenizer = ConversationTokenizer.from_pretrained(shards.tokenizer_path)
+    sep = tokenizer.sep_token_id
+    hello, hi, me_too = (tokenizer.encode(t) for t in ("Hello", "Hi there", "Me too"))
+    assert example.ids.tolist() == [sep, *hello, sep, *hi, sep, *me_too, sep]
+    # Turn 0 (weight 0) is context; turn 1 (weight 1) is trained; turn 2 is a reply of
+    # weight 0. Each sep carries the flags of the turn it closes (so a trained turn is
+    # trained to end), and the opening sep closes nothing.
+    context, trained, reply = 0, LOSS_RESPONSE | LOSS_WEIGHTED, LOSS_RESPONSE
+    assert example.mask.tolist() == [
+        0, *[context] * len(hello),
+        context, *[trained] * len(hi),
+        trained, *[reply] * len(me_too),
+        reply,
+    ]  # fmt: skip
 
 
 def test_sliding_windows_cover_every_turn_once():
