@@ -1,4 +1,6 @@
 """Applications built on the core (`convcli demo`): they import the core, never the reverse.
 
-Their data ships inside the package (`demo_data/`), so they run from an ordinary install.
+Unlike the core, an application may speak the CLI's language: the demo prints the
+`convcli ...` command behind each of its steps. Its data ships inside the package
+(`demo_data/`), so it runs from an ordinary install.
 """
