@@ -77,8 +77,22 @@ class Exchange:
     expected: str | None
     candidates: list[tuple[str, float]] = field(default_factory=list)
 
+    @property
+    def matches(self) -> bool:
+        """Whether the reply is exactly the one the sample data implies."""
+        return bool(self.expected) and self.reply.strip() == self.expected.strip()
 
-Event = Step | StepDone | Exchange
+
+@dataclass
+class Finished:
+    """The end: how many replies matched the sample data, and how to chat yourself."""
+
+    matched: int
+    expected: int
+    chat_command: str
+
+
+Event = Step | StepDone | Exchange | Finished
 STEPS = 4
 # Candidate sampling of the chat step: `convcli chat`'s defaults (top-k 50, top-p 0.95)
 # at a lower temperature, which keeps a tiny model's candidates on the patterns it learnt.
@@ -199,7 +213,16 @@ def _run(s: DemoSettings, corpus: Path, contexts: Path) -> Iterator[Event]:
         "--seed", str(s.seed),
     ])  # fmt: skip
     yield Step(4, "chat on held-out contexts, replies reranked by MMI", chat, reused=False)
-    yield from _chat(s, forward / "final", reverse / "final", contexts)
+    matched = expected = 0
+    for exchange in _chat(s, forward / "final", reverse / "final", contexts):
+        expected += bool(exchange.expected)
+        matched += exchange.matches
+        yield exchange
+    yourself = shlex.join([
+        "convcli", "chat", str(forward / "final"), "--reverse-model", str(reverse / "final"),
+        "--temperature", str(CHAT_TEMPERATURE),
+    ])  # fmt: skip
+    yield Finished(matched, expected, yourself)
 
 
 def _threads_each() -> int:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from convcli.apps.demo import CHAT_TEMPERATURE, DemoSettings, Exchange, Step, StepDone
+from convcli.apps.demo import DemoSettings, Exchange, Finished, Step, StepDone
 from convcli.cli.common import info
 
 DEFAULTS = DemoSettings()
@@ -48,7 +48,6 @@ def demo(
         output=output, data=data, steps=steps, seed=seed, num_candidates=num_candidates,
         fresh=fresh, device=device,
     )  # fmt: skip
-    right = asked = 0
     for event in run_demo(settings):
         if isinstance(event, Step):
             reused = " (done already: reusing it)" if event.reused else ""
@@ -62,12 +61,8 @@ def demo(
             typer.echo(f"  bot> {event.reply}")
             if event.expected:
                 typer.echo(f"       (the sample data says: {event.expected})")
-                asked += 1
-                right += event.reply.strip() == event.expected.strip()
             typer.echo("")
-    if asked:
-        info(f"{right} of {asked} replies match the sample data exactly")
-    info(
-        f"done. Chat yourself: convcli chat {output / 'forward' / 'final'} "
-        f"--reverse-model {output / 'reverse' / 'final'} --temperature {CHAT_TEMPERATURE}"
-    )
+        elif isinstance(event, Finished):
+            if event.expected:
+                info(f"{event.matched} of {event.expected} replies match the sample data exactly")
+            info(f"done. Chat yourself: {event.chat_command}")
