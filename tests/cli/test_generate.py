@@ -40,7 +40,7 @@ def test_sampling_options_seed_and_several_sequences(trained):
     assert first.exit_code == 0, first.stderr
     assert len(first.stdout.splitlines()) == 3
     assert first.stdout == again.stdout
-    extra = generate(forward, "Hello", "-o", "num_beams=2", "-o", "bad_words_ids=[[5]]")
+    extra = generate(forward, "Hello", "--option", "num_beams=2", "--option", "bad_words_ids=[[5]]")
     assert extra.exit_code == 0, extra.stderr
 
 
