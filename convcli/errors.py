@@ -2,8 +2,8 @@
 
 Core code raises these with a message that names the file and line (or the
 parameter) at fault; anything else escaping to the CLI is a bug and keeps its traceback.
-Core messages speak Python (`num_candidates must be at least 1`) and list the parameters
-they name in `params`; the CLI shows those names as its flags (`--num-candidates`).
+Core messages speak Python: they name parameters in backquotes ("`num_candidates` must be
+at least 1") and list them in `params`; the CLI shows them as its flags (`--num-candidates`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 class ConvcliError(Exception):
     """A problem with the user's input, files or options (exit code 1).
 
-    `param`: the settings field(s) the message names, word for word (the first mention of
-    each is the parameter), so that a front end can show them its own way (the CLI: flags).
+    `param`: the settings field(s) the message names (in backquotes), so that a front end
+    can show them its own way (the CLI: as flags).
     """
 
     def __init__(self, *args: object, param: str | tuple[str, ...] | None = None) -> None:

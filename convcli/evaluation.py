@@ -60,18 +60,18 @@ class EvalSettings:
     def __post_init__(self) -> None:
         for name in ("batch_tokens", "batch_size"):
             if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}",
+                raise UsageError(f"`{name}` must be at least 1, got {getattr(self, name)}",
                                  param=name)  # fmt: skip
 
     def check(self) -> None:
         """Refuse settings with nothing to evaluate (once every source is merged)."""
         if self.data is None and self.input is None:
             raise UsageError(
-                "give data SHARDS (loss) and/or input CONTEXTS.jsonl (responses)",
+                "give `data` SHARDS (loss) and/or `input` CONTEXTS.jsonl (responses)",
                 param=("data", "input"),
             )
         if self.references is not None and self.input is None:
-            raise UsageError("references needs input", param=("references", "input"))
+            raise UsageError("`references` needs `input`", param=("references", "input"))
 
 
 # Plain answers and MMI candidates are sampled with a fixed seed, so runs compare.
@@ -202,7 +202,7 @@ def read_samples(path: str | Path, references: str | Path | None = None) -> list
         elif reference is None:
             if len(turns) < 2:
                 raise InputError(
-                    "needs a reference: a 'reference' key, a references file, or at least two "
+                    "needs a reference: a 'reference' key, `references`, or at least two "
                     "turns (the last one is the reference)",
                     path=str(path),
                     line=number,

@@ -11,8 +11,8 @@ the settings object, built by the same rules everywhere:
 With `config=...` the command also gets `--config FILE` and `--print-config`. Adding an
 option to a command means adding a field (with a docstring) to its settings dataclass.
 
-Core errors that name a parameter (`ConvcliError(..., param="num_candidates")`) reach the
-user with the flag instead (`--num-candidates`).
+Core errors name parameters in backquotes (`ConvcliError("`num_candidates` must be at
+least 1", param="num_candidates")`); the user reads the flag instead (`--num-candidates`).
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def _resolve(
             choices = _choices(g.hints[name])
             if choices and value not in choices:
                 raise UsageError(
-                    f"{name}: {value!r} is not one of {', '.join(choices)}", param=name
+                    f"`{name}`: {value!r} is not one of {', '.join(choices)}", param=name
                 )
         settings = update(g.base, {k: v for k, v in from_file.items() if k in names}, str(path))
         resolved[g.param] = dataclasses.replace(settings, **given)
@@ -254,20 +254,19 @@ def _resolve(
 
 
 def _as_flags(exc: ConvcliError, ctx: typer.Context) -> None:
-    """Rewrite the parameter names a core error names as this command's flags."""
-    if not exc.params or len(exc.args) != 1 or not isinstance(exc.args[0], str):
+    """Show the parameters a core error names (`name`, in backquotes) as this command's flags."""
+    if len(exc.args) != 1 or not isinstance(exc.args[0], str):
         return
-    opts = {p.name: max(p.opts, key=len) for p in ctx.command.params if p.opts}
-    message = exc.args[0]
-    for name in exc.params:
-        shown = opts.get(name, flag(name))
-        if not shown.startswith("-"):  # a positional argument: its name in capitals
-            shown = name.upper()
-        # Its first mention, as a word of its own (not a part of a path or another name):
-        # later ones may be plain words ("resume auto: nothing to resume").
-        pattern = rf"(?<![\w/.-]){re.escape(name)}(?![\w/-]|\.\w)"
-        message = re.sub(pattern, shown, message, count=1)
-    exc.args = (message,)
+    opts = {p.name: max(p.opts, key=len) for p in ctx.command.params if p.name and p.opts}
+
+    def shown(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in opts:
+            opt = opts[name]
+            return opt if opt.startswith("-") else name.upper()  # an argument: NAME
+        return flag(name) if name in exc.params else match.group(0)
+
+    exc.args = (re.sub(r"`([a-z][a-z0-9_]*)`", shown, exc.args[0]),)
 
 
 # Shared by generate and chat: options that transformers' generate takes as they are.

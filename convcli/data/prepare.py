@@ -68,7 +68,7 @@ def prepare(settings: PrepareSettings, progress: Progress | None = None) -> Prep
     output = Path(settings.output)
     if output.exists() and not settings.overwrite:
         raise ConvcliError(
-            f"{output} already exists (pass overwrite to replace it)", param="overwrite"
+            f"{output} already exists (pass `overwrite` to replace it)", param="overwrite"
         )
     started = time.perf_counter()
     results: list[PrepareResult] = []
@@ -91,26 +91,26 @@ def _check(settings: PrepareSettings) -> None:
     if not settings.inputs:
         raise UsageError("no input files given")
     if settings.output is None:
-        raise UsageError("output: the shard directory to write is required", param="output")
+        raise UsageError("`output`: the shard directory to write is required", param="output")
     tokenizers = ("tokenizer", "train_tokenizer")
     if settings.tokenizer and settings.train_tokenizer:
-        raise UsageError("give either tokenizer or train_tokenizer, not both", param=tokenizers)
+        raise UsageError("give either `tokenizer` or `train_tokenizer`, not both", param=tokenizers)
     if not settings.tokenizer and not settings.train_tokenizer:
-        raise UsageError("give tokenizer NAME_OR_PATH, or train_tokenizer vocab_size N",
+        raise UsageError("give `tokenizer` NAME_OR_PATH, or `train_tokenizer` `vocab_size` N",
                          param=(*tokenizers, "vocab_size"))  # fmt: skip
     if settings.train_tokenizer and settings.vocab_size < 258:
-        raise UsageError(f"vocab_size: {settings.vocab_size} is too small (at least 258)",
+        raise UsageError(f"`vocab_size`: {settings.vocab_size} is too small (at least 258)",
                          param="vocab_size")  # fmt: skip
     if settings.max_length < 4:
-        raise UsageError(f"max_length: {settings.max_length} cannot hold two turns (min 4)",
+        raise UsageError(f"`max_length`: {settings.max_length} cannot hold two turns (min 4)",
                          param="max_length")  # fmt: skip
     if not 0.0 <= settings.valid_fraction < 1.0:
-        raise UsageError(f"valid_fraction: {settings.valid_fraction} is not in [0, 1)",
+        raise UsageError(f"`valid_fraction`: {settings.valid_fraction} is not in [0, 1)",
                          param="valid_fraction")  # fmt: skip
     if settings.workers < 1:
-        raise UsageError(f"workers: {settings.workers} must be at least 1", param="workers")
+        raise UsageError(f"`workers`: {settings.workers} must be at least 1", param="workers")
     if settings.shard_tokens < 1:
-        raise UsageError(f"shard_tokens: {settings.shard_tokens} must be at least 1",
+        raise UsageError(f"`shard_tokens`: {settings.shard_tokens} must be at least 1",
                          param="shard_tokens")  # fmt: skip
     refuse_to_replace_inputs(settings.output, settings.inputs)
 

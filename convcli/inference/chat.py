@@ -154,7 +154,7 @@ def start_conversation(
 
     if resume and transcript is None:
         raise UsageError(
-            "resume_transcript needs transcript FILE", param=("resume_transcript", "transcript")
+            "`resume_transcript` needs `transcript` FILE", param=("resume_transcript", "transcript")
         )
     if not resume or transcript is None:
         return Start(list(opening or []), [], False)
@@ -174,7 +174,7 @@ def check_opening(model: Any, opening: list[str], budget: int) -> None:
     tokens = sum(len(t) + 1 for t in model.tokenizer.encode_turns(opening)) + 1
     if opening and tokens + 8 > budget:
         raise UsageError(
-            f"context takes {tokens} tokens, leaving no room for the conversation within "
+            f"`context` takes {tokens} tokens, leaving no room for the conversation within "
             f"the {budget} tokens a model input may hold here",
             param="context",
         )

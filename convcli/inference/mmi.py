@@ -172,12 +172,12 @@ class MMIReranker:
         check_same_tokenizer(forward, reverse)
         if num_candidates < 1:
             raise UsageError(
-                f"num_candidates must be at least 1, got {num_candidates}", param="num_candidates"
+                f"`num_candidates` must be at least 1, got {num_candidates}", param="num_candidates"
             )
         if not argmax and temperature <= 0:
-            raise UsageError(f"temperature must be positive, got {temperature}")
+            raise UsageError(f"`temperature` must be positive, got {temperature}")
         if source not in ("last", "history"):
-            raise UsageError(f"source must be last or history, got {source!r}")
+            raise UsageError(f"`source` must be last or history, got {source!r}")
         self.forward, self.reverse = forward, reverse
         self.num_candidates = num_candidates
         self.temperature, self.argmax, self.source = temperature, argmax, source

@@ -49,13 +49,13 @@ class SamplingSettings:
         for name, low in least.items():
             value = getattr(self, name)
             if value is not None and value < low:
-                raise UsageError(f"{name} must be at least {low}, got {value}", param=name)
+                raise UsageError(f"`{name}` must be at least {low}, got {value}", param=name)
         for name in ("temperature", "repetition_penalty"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise UsageError(f"{name} must be >= 0, got {value}", param=name)
+                raise UsageError(f"`{name}` must be >= 0, got {value}", param=name)
         if self.top_p is not None and not 0 <= self.top_p <= 1:
-            raise UsageError(f"top_p must be in [0, 1], got {self.top_p}", param="top_p")
+            raise UsageError(f"`top_p` must be in [0, 1], got {self.top_p}", param="top_p")
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The transformers `generate` options that are set (the seed is not one)."""
@@ -89,17 +89,17 @@ class MMISettings:
 
         if self.num_candidates < 1:
             raise UsageError(
-                f"num_candidates must be at least 1, got {self.num_candidates}",
+                f"`num_candidates` must be at least 1, got {self.num_candidates}",
                 param="num_candidates",
             )
         if not self.mmi_argmax and self.mmi_temperature <= 0:
             raise UsageError(
-                f"mmi_temperature must be positive, got {self.mmi_temperature}",
+                f"`mmi_temperature` must be positive, got {self.mmi_temperature}",
                 param="mmi_temperature",
             )
         if self.mmi_source not in ("last", "history"):
             raise UsageError(
-                f"mmi_source must be last or history, got {self.mmi_source!r}", param="mmi_source"
+                f"`mmi_source` must be last or history, got {self.mmi_source!r}", param="mmi_source"
             )
 
 
@@ -131,7 +131,7 @@ class RuntimeSettings:
         from convcli.errors import UsageError
 
         if self.threads is not None and self.threads < 1:
-            raise UsageError(f"threads must be at least 1, got {self.threads}", param="threads")
+            raise UsageError(f"`threads` must be at least 1, got {self.threads}", param="threads")
 
 
 def with_defaults(settings: SamplingSettings, defaults: SamplingSettings) -> SamplingSettings:
@@ -164,7 +164,7 @@ class ChatSettings:
 
         if self.max_history_tokens is not None and self.max_history_tokens < 8:
             raise UsageError(
-                f"max_history_tokens must be at least 8, got {self.max_history_tokens}",
+                f"`max_history_tokens` must be at least 8, got {self.max_history_tokens}",
                 param="max_history_tokens",
             )
 
@@ -187,5 +187,5 @@ class BatchSettings:
 
         if self.batch_size < 1:
             raise UsageError(
-                f"batch_size must be at least 1, got {self.batch_size}", param="batch_size"
+                f"`batch_size` must be at least 1, got {self.batch_size}", param="batch_size"
             )
