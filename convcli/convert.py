@@ -32,6 +32,7 @@ from convcli.conversion.gpt2 import (
     infer_shape,
     normalize_keys,
 )
+from convcli.conversion.settings import DTYPES
 from convcli.errors import ConvcliError, UsageError
 from convcli.modelfolder import (
     META_FILE,
@@ -45,7 +46,6 @@ from convcli.modelfolder import (
 if TYPE_CHECKING:
     from convcli.tokenizer import ConversationTokenizer
 
-DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TOKENIZER = "gpt2"  # DialoGPT kept GPT-2's vocabulary unchanged
 # Architecture settings a train checkpoint's recorded model config may change.
 _CONFIG_HINTS = (
@@ -108,6 +108,7 @@ def convert_checkpoint(
     verify: bool = True,
     overwrite: bool = False,
     progress: Progress | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> ConversionReport:
     """Convert a DialoGPT `.pkl` or a convcli train `.ckpt` into a model folder at `output`.
 
@@ -115,16 +116,19 @@ def convert_checkpoint(
     hub: pass a folder with vocab.json + merges.txt to work offline). `n_layer` and
     `n_embd` are checks (an error if the tensors disagree); `n_head` overrides the
     64-wide-heads default and must divide the width. Nothing is left at `output`
-    unless the whole folder was written (and verified).
+    unless the whole folder was written (and verified). `extra_files` (name: text) are
+    written into the folder with it (the CLI's resolved settings).
     """
     import torch
 
     path, output = Path(checkpoint), Path(output)
     report_progress = progress or (lambda stage, done, total: None)
     if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise UsageError(f"`dtype` {dtype!r} is not one of {', '.join(DTYPES)}", param="dtype")
     if output.exists() and not overwrite:
-        raise ConvcliError(f"{output} already exists (pass --overwrite to replace it)")
+        raise ConvcliError(
+            f"{output} already exists (pass `overwrite` to replace it)", param="overwrite"
+        )
     refuse_to_replace_inputs(output, [path])
     tok = _tokenizer(tokenizer) if tokenizer is not None else None  # fail before the big load
 
@@ -145,7 +149,7 @@ def convert_checkpoint(
     if isinstance(sep, int) and sep != tok.sep_token_id:
         raise ConvcliError(
             f"{path} was trained with sep id {sep}, but the tokenizer's is "
-            f"{tok.sep_token_id}: not its tokenizer (wrong --tokenizer?)"
+            f"{tok.sep_token_id}: not its tokenizer (wrong `tokenizer`?)"
         )
     state, dropped, origin = normalize_keys(ckpt.state, str(path))
     ckpt.state.clear()  # the renamed dict holds the tensors now: keep one reference only
@@ -156,12 +160,12 @@ def convert_checkpoint(
         n_head=n_head or _int(recorded.get("n_head")) or _int(hparam(ckpt.hparams, "n_head")),
         n_layer=n_layer,
         n_embd=n_embd,
-        head_source="--n-head" if n_head else "the checkpoint's recorded n_head",
+        head_source="`n_head`" if n_head else "the checkpoint's recorded n_head",
     )
     if len(tok) > shape.vocab_size:
         raise ConvcliError(
             f"the tokenizer has {len(tok)} tokens but {path} only {shape.vocab_size} embedding "
-            "rows: they do not belong together (wrong --tokenizer?)"
+            "rows: they do not belong together (wrong `tokenizer`?)"
         )
     if len(tok) < shape.vocab_size:
         notes.append(
@@ -226,7 +230,7 @@ def convert_checkpoint(
     def write(tmp: Path) -> None:
         nonlocal max_diff
         report_progress("save", 0, 1)
-        save_model_folder(holder.pop(), tok, meta, tmp, overwrite=True)
+        save_model_folder(holder.pop(), tok, meta, tmp, overwrite=True, extra_files=extra_files)
         gc.collect()  # the folder is on disk: free this copy before loading it back
         report_progress("save", 1, 1)
         if verify:
@@ -273,7 +277,7 @@ def _tokenizer(name: str | Path) -> ConversationTokenizer:
         return ConversationTokenizer.from_pretrained(name)
     except ConvcliError as exc:
         hint = (
-            "; DialoGPT uses GPT-2's vocabulary: pass --tokenizer with a folder holding its "
+            "; DialoGPT uses GPT-2's vocabulary: pass `tokenizer`: a folder holding its "
             "vocab.json and merges.txt to work offline"
             if str(name) == DEFAULT_TOKENIZER
             else ""
@@ -312,7 +316,7 @@ def _recorded_tokenizer(ckpt: Checkpoint, path: Path, notes: list[str]) -> Conve
         if ckpt.from_convcli
         else "not a `convcli train` checkpoint and its hyper_parameters do not name its tokenizer"
     )
-    raise ConvcliError(f"{path}: {what}; pass --tokenizer")
+    raise ConvcliError(f"{path}: {what}; pass `tokenizer`", param="tokenizer")
 
 
 def _recorded_meta(ckpt: Checkpoint) -> dict[str, Any]:

@@ -3,21 +3,28 @@
 Loss uses the very pieces training uses (labels from the stored loss flags, the same
 re-layout for reverse models, the same summed token loss), so an eval perplexity is
 comparable with the validation perplexity logged by `train`. Response metrics
-generate a reply per context and compare it with a reference (see convcli.metrics);
+generate a reply per context and compare it with a reference (`response_metrics` below);
 with a reverse model, plain sampling and MMI are measured in the same run.
+
+Response metrics: distinct-n, unigram F1, length; pure functions on text. Words are
+runs of non-space letters/digits; kana and CJK ideographs count as one word per
+character (Japanese has no spaces), so the metrics mean the same in both. Punctuation
+is ignored and case folded, as in ParlAI's F1.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from convcli.errors import ConvcliError, InputError
-from convcli.metrics import response_metrics
+from convcli.errors import ConvcliError, InputError, UsageError
+from convcli.inference.settings import SamplingSettings
 
 if TYPE_CHECKING:
     from convcli.inference.mmi import MMIReranker
@@ -25,6 +32,64 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int], None]
 """Called with the number of examples (or contexts) just processed."""
+
+
+@dataclass
+class EvalSettings:
+    """What `eval` measures: loss on shards and/or responses to contexts."""
+
+    data: Path | None = None
+    """A shard directory: report loss and perplexity on one of its splits."""
+    split: str = "valid"
+    """The shard split to score."""
+    train_on: Literal["responses", "all", "weights"] = "responses"
+    """Which tokens count, as in training's `train_on`."""
+    batch_tokens: int = 4096
+    """Tokens per batch (loss)."""
+    input: Path | None = None
+    """JSONL contexts to answer: arrays of turns or objects with 'turns'."""
+    references: Path | None = None
+    """JSONL references, one per context (default: a 'reference' or 'expected' key, else
+    each line's last turn)."""
+    batch_size: int = 16
+    """Contexts per generate call."""
+    output: Path | None = None
+    """Also write the report as JSON to this file, and the resolved settings beside it
+    (same name, .yaml)."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"`{name}` must be at least 1, got {getattr(self, name)}",
+                                 param=name)  # fmt: skip
+
+    def check(self) -> None:
+        """Refuse settings with nothing to evaluate (once every source is merged)."""
+        if self.data is None and self.input is None:
+            raise UsageError(
+                "give `data` SHARDS (loss) and/or `input` CONTEXTS.jsonl (responses)",
+                param=("data", "input"),
+            )
+        if self.references is not None and self.input is None:
+            raise UsageError("`references` needs `input`", param=("references", "input"))
+
+
+# Plain answers and MMI candidates are sampled with a fixed seed, so runs compare.
+EVAL_SAMPLING = SamplingSettings(seed=0)
+
+
+def save_report(path: str | Path, report: dict[str, Any], *settings: Any) -> Path:
+    """Write the report as JSON and the settings that made it beside it (.yaml)."""
+    from convcli.settings import to_yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    header = "convcli eval: the resolved settings of this report"
+    texts = [to_yaml(s, header=header if i == 0 else "") for i, s in enumerate(settings)]
+    config = path.with_suffix(".yaml")
+    config.write_text("\n".join(texts), encoding="utf-8")
+    return config
 
 
 @dataclass
@@ -63,7 +128,7 @@ def evaluate_loss(
     if recorded and recorded != model.tokenizer.fingerprint():
         raise ConvcliError(
             f"{shards} was prepared with another tokenizer than the model's "
-            "(fingerprints differ): prepare it with --tokenizer MODEL"
+            "(fingerprints differ): prepare it with the model's tokenizer"
         )
     if len(opened.split(split)) == 0:
         raise ConvcliError(f"{shards}: the {split} split is empty")
@@ -137,8 +202,8 @@ def read_samples(path: str | Path, references: str | Path | None = None) -> list
         elif reference is None:
             if len(turns) < 2:
                 raise InputError(
-                    "needs a reference: a 'reference' key, --references, or at least two turns "
-                    "(the last one is the reference)",
+                    "needs a reference: a 'reference' key, `references`, or at least two "
+                    "turns (the last one is the reference)",
                     path=str(path),
                     line=number,
                 )
@@ -224,3 +289,53 @@ def evaluate_responses(
         metrics = response_metrics(responses, references)
         reports.append(ResponseReport(name, len(samples), metrics, shown))
     return reports
+
+
+# Response metrics (see the module docstring).
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
+
+
+def words(text: str) -> list[str]:
+    """Normalised words of a text (see module docstring)."""
+    return _WORD.findall(text.casefold())
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over the whole set of texts (Li et al., 2016)."""
+    total = 0
+    seen: set[tuple[str, ...]] = set()
+    for text in texts:
+        tokens = words(text)
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
+
+
+def unigram_f1(hypothesis: str, reference: str) -> float:
+    """Bag-of-words F1 between a response and its reference."""
+    hyp, ref = Counter(words(hypothesis)), Counter(words(reference))
+    common = sum((hyp & ref).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / sum(hyp.values()), common / sum(ref.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def response_metrics(
+    responses: Sequence[str], references: Sequence[str] | None
+) -> dict[str, float]:
+    """distinct-1/2, average length in words, and mean unigram F1 when references are given."""
+    result = {
+        "distinct_1": distinct_n(responses, 1),
+        "distinct_2": distinct_n(responses, 2),
+        "avg_length": sum(len(words(r)) for r in responses) / len(responses) if responses else 0.0,
+    }
+    if references is not None:
+        if len(references) != len(responses):
+            raise ValueError(f"{len(responses)} responses but {len(references)} references")
+        scores = [unigram_f1(h, r) for h, r in zip(responses, references, strict=True)]
+        result["f1"] = sum(scores) / len(scores) if scores else 0.0
+    return result

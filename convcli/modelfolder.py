@@ -231,7 +231,7 @@ def refuse_to_replace_inputs(output: str | Path, inputs: Sequence[str | Path]) -
     for item in inputs:
         source = Path(item).expanduser().resolve()
         if out == source or out in source.parents:
-            raise UsageError(f"--output {output} would replace the input {item}")
+            raise UsageError(f"`output` {output} would replace the input {item}", param="output")
 
 
 def write_atomically(
@@ -243,7 +243,9 @@ def write_atomically(
     """
     output = Path(output)
     if output.exists() and not overwrite:
-        raise ConvcliError(f"{output} already exists (pass --overwrite to replace it)")
+        raise ConvcliError(
+            f"{output} already exists (pass `overwrite` to replace it)", param="overwrite"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     umask = os.umask(0)

@@ -2,8 +2,9 @@
 
 Each command's settings are a dataclass whose fields carry a docstring (a string
 literal right after the field, as in `ModelMeta`). Those docstrings become the
-comments of `--print-config` and of the resolved config written next to outputs.
-Precedence: a flag given on the command line > the `--config` file > the default.
+comments of the printed config and of the resolved config written next to outputs.
+Precedence (applied by the CLI, convcli/cli/options.py): a value given explicitly >
+the config file > the default.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"--config: file not found: {path}") from None
+        raise UsageError(f"`config`: file not found: {path}", param="config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -145,8 +146,18 @@ def build(cls: type[T], values: Mapping[str, Any], source: str = "config") -> T:
     return cls(**coerced)
 
 
+def update(settings: T, values: Mapping[str, Any], source: str = "config") -> T:
+    """A copy of `settings` with `values` (checked as `build` does) replacing its fields."""
+    hints = typing.get_type_hints(type(settings))
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise UsageError(f"{source}: unknown option(s): {', '.join(unknown)}")
+    coerced = {k: _coerce(k, v, hints[k], source) for k, v in values.items()}
+    return dataclasses.replace(settings, **coerced)  # type: ignore[type-var]
+
+
 def merge(cls: type[T], config: str | Path | None, given: Mapping[str, Any]) -> T:
-    """Settings from `--config` (if any) overridden by the flags actually `given`."""
+    """Settings from a config file (if any) overridden by the values actually `given`."""
     values = read_yaml(config) if config is not None else {}
     settings = build(cls, values, str(config) if config is not None else "config")
     return dataclasses.replace(settings, **given)  # type: ignore[type-var]

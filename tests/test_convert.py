@@ -218,10 +218,10 @@ def test_size_is_inferred_from_the_tensors(tmp_path, tiny_tokenizer_dir, tiny_to
     [
         (
             {"n_head": 5},
-            "--n-head 5 disagrees with the checkpoint: it does not divide its width 64",
+            "`n_head` 5 disagrees with the checkpoint: it does not divide its width 64",
         ),
-        ({"n_layer": 24}, "--n-layer 24 disagrees with the checkpoint, which has 2 layers"),
-        ({"n_embd": 1024}, "--n-embd 1024 disagrees with the checkpoint, whose width is 64"),
+        ({"n_layer": 24}, "`n_layer` 24 disagrees with the checkpoint, which has 2 layers"),
+        ({"n_embd": 1024}, "`n_embd` 1024 disagrees with the checkpoint, whose width is 64"),
     ],
 )
 def test_disagreeing_sizes_are_errors(sizes, message, model, tmp_path, tiny_tokenizer_dir):
@@ -344,7 +344,7 @@ def test_an_existing_output_needs_overwrite(model, tmp_path, tiny_tokenizer_dir)
     ckpt = save(dialogpt_state(model), tmp_path / "m.pkl")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
-    with pytest.raises(ConvcliError, match="already exists \\(pass --overwrite"):
+    with pytest.raises(ConvcliError, match="already exists \\(pass `overwrite`"):
         convert_checkpoint(ckpt, tmp_path / "out", tokenizer=tiny_tokenizer_dir, n_head=4)
     assert (tmp_path / "out" / "old.txt").exists()
 
@@ -431,7 +431,7 @@ def test_a_lightning_checkpoint_recovers_its_tokenizer_and_config(
 
 def test_a_lightning_checkpoint_without_a_tokenizer_needs_one(model, tmp_path, tiny_tokenizer_dir):
     ckpt = lightning_ckpt(model, tmp_path / "last.ckpt", {"lr": 1e-4})
-    with pytest.raises(ConvcliError, match="do not name its tokenizer; pass --tokenizer"):
+    with pytest.raises(ConvcliError, match="do not name its tokenizer; pass `tokenizer`"):
         convert_checkpoint(ckpt, tmp_path / "out", n_head=4)
 
     report = convert_checkpoint(ckpt, tmp_path / "out", tokenizer=tiny_tokenizer_dir, n_head=4)

@@ -48,7 +48,7 @@ def test_convert_writes_a_folder_and_one_summary_line(pkl, tmp_path, tiny_tokeni
     [
         (["--n-head", "5"], 2, "error: --n-head 5 disagrees with the checkpoint"),
         (["--n-layer", "12"], 2, "error: --n-layer 12 disagrees with the checkpoint"),
-        (["--dtype", "float64"], 2, "Invalid value for '--dtype'"),
+        (["--dtype", "float64"], 2, "error: --dtype: 'float64' is not one of float32"),
     ],
 )
 def test_bad_options(extra, code, message, pkl, tmp_path, tiny_tokenizer_dir):

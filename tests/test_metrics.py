@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from convcli.metrics import distinct_n, response_metrics, unigram_f1, words
+from convcli.evaluation import distinct_n, response_metrics, unigram_f1, words
 
 
 def test_words_fold_case_drop_punctuation_and_split_japanese():

@@ -21,7 +21,7 @@ app = typer.Typer(
     help="Train and talk to GPT-2-style conversation models.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 

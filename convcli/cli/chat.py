@@ -10,27 +10,15 @@ from typing import Annotated
 import typer
 
 from convcli.cli.common import info, stdin_is_terminal
-from convcli.cli.options import (
-    Device,
-    ExtraOption,
-    MaxNewTokens,
-    MinNewTokens,
-    MMIArgmax,
-    MMISource,
-    MMISourceOpt,
-    MMITemperature,
-    NoRepeatNgram,
-    NumCandidates,
-    RepetitionPenalty,
-    ReverseModel,
-    Seed,
-    Temperature,
-    TopK,
-    TopP,
-    load_models,
-    sampling_options,
-)
+from convcli.cli.options import ExtraOption, extra_options, settings_options
 from convcli.errors import InputError, UsageError
+from convcli.inference.settings import (
+    CHAT_SAMPLING,
+    ChatSettings,
+    MMISettings,
+    RuntimeSettings,
+    SamplingSettings,
+)
 
 
 def read_context_file(path: Path) -> list[str]:
@@ -62,58 +50,22 @@ def _read_line(interactive: bool) -> str | None:
     return None if line == "" else line.rstrip("\r\n")
 
 
+@settings_options(
+    mmi=MMISettings,
+    conversation=ChatSettings,
+    sampling=CHAT_SAMPLING,
+    runtime=RuntimeSettings,
+    hide=("do_sample", "num_beams", "num_return_sequences"),
+)
 def chat(
     model: Annotated[
         Path, typer.Argument(help="A model folder (from train or convert, or a GPT-2 folder).")
     ],
-    reverse_model: ReverseModel = None,
-    num_candidates: NumCandidates = 8,
-    mmi_temperature: MMITemperature = 0.5,
-    mmi_argmax: MMIArgmax = False,
-    mmi_source: MMISourceOpt = MMISource.last,
-    max_history_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--max-history-tokens",
-            min=8,
-            help="Keep the history within this many tokens, oldest turns dropped "
-            "(default: what fits the model).",
-        ),
-    ] = None,
-    context: Annotated[
-        Path | None,
-        typer.Option(
-            "--context",
-            help="Opening turns always kept (persona): a JSON array, or one turn per line.",
-        ),
-    ] = None,
-    show_candidates: Annotated[
-        bool,
-        typer.Option(
-            "--show-candidates", help="Show the MMI candidates and scores every turn (stderr)."
-        ),
-    ] = False,
-    seed: Seed = None,
-    transcript: Annotated[
-        Path | None,
-        typer.Option("--transcript", help="Append every turn to this JSONL file as it happens."),
-    ] = None,
-    resume_transcript: Annotated[
-        bool,
-        typer.Option("--resume-transcript", help="Continue the last conversation in --transcript."),
-    ] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Report time and tokens/s per turn (stderr).")
-    ] = False,
-    max_new_tokens: MaxNewTokens = None,
-    min_new_tokens: MinNewTokens = None,
-    temperature: Temperature = None,
-    top_k: TopK = 50,
-    top_p: TopP = 0.95,
-    repetition_penalty: RepetitionPenalty = None,
-    no_repeat_ngram_size: NoRepeatNgram = None,
+    mmi: MMISettings = MMISettings(),
+    conversation: ChatSettings = ChatSettings(),
+    sampling: SamplingSettings = CHAT_SAMPLING,
     option: ExtraOption = None,
-    device: Device = None,
+    runtime: RuntimeSettings = RuntimeSettings(),
 ) -> None:
     """Chat with a model; with --reverse-model, replies are reranked by MMI.
 
@@ -121,94 +73,65 @@ def chat(
     /exit, Ctrl-D and Ctrl-C end the chat too.
     With piped stdin, replies go to stdout one per line and nothing else does.
 
+    \b
     Examples:
-
       convcli chat my-model
-
-      convcli chat my-model --reverse-model my-reverse --num-candidates 8 --show-candidates
-
-      convcli chat my-model --context persona.txt --transcript chat.jsonl --seed 1
-
+      convcli chat my-model --reverse-model my-reverse --show-candidates
+      convcli chat my-model --context persona.txt --transcript chat.jsonl
       convcli chat my-model --transcript chat.jsonl --resume-transcript
-
       printf 'Hello\\n/quit\\n' | convcli chat my-model
     """
-    from convcli.inference.chat import ChatSession, Transcript, load_transcript, make_responder
-
-    if resume_transcript and transcript is None:
-        raise UsageError("--resume-transcript needs --transcript FILE")
-    opening = read_context_file(context) if context is not None else None
-    history: list[str] = []
-    if resume_transcript and transcript is not None:
-        if transcript.is_file():
-            state = load_transcript(transcript)
-            history = state.history
-            if opening is None:
-                opening = state.opening
-            info(f"resuming {transcript}: {len(history) // 2} turn(s)")
-        else:
-            info(f"{transcript} does not exist yet: starting a new conversation")
-            resume_transcript = False
-    opening = opening or []
-
-    options = sampling_options(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        option=option,
+    from convcli.inference.chat import (
+        ChatSession,
+        Transcript,
+        check_opening,
+        make_responder,
+        start_conversation,
     )
-    forward, reranker = load_models(
-        model,
-        reverse_model,
-        device=device,
-        num_candidates=num_candidates,
-        mmi_temperature=mmi_temperature,
-        mmi_argmax=mmi_argmax,
-        mmi_source=mmi_source.value,
-    )
+    from convcli.inference.loading import load_models
+
+    c = conversation
+    opening = read_context_file(c.context) if c.context is not None else None
+    start = start_conversation(opening, c.transcript, c.resume_transcript)
+    for note in start.notes:
+        info(note)
+    options = {**sampling.generate_kwargs(), **extra_options(option)}
+    forward, reranker, notes = load_models(model, mmi, runtime)
+    for note in notes:
+        info(f"warning: {note}")
     # The opening turns must leave room for a message in the context budget.
     _, budget = forward.plan_lengths(options.get("max_new_tokens"))
-    if max_history_tokens is not None:
-        budget = min(budget, max_history_tokens)
-    opening_tokens = sum(len(t) + 1 for t in forward.tokenizer.encode_turns(opening)) + 1
-    if opening and opening_tokens + 8 > budget:
-        raise UsageError(
-            f"--context takes {opening_tokens} tokens, leaving no room for the conversation in "
-            f"the {budget}-token context budget"
-        )
-    if seed is not None:
+    if c.max_history_tokens is not None:
+        budget = min(budget, c.max_history_tokens)
+    check_opening(forward, start.opening, budget)
+    if sampling.seed is not None:
         import torch
 
-        torch.manual_seed(seed)
+        torch.manual_seed(sampling.seed)
 
-    log = Transcript(transcript) if transcript is not None else None
+    log = Transcript(c.transcript) if c.transcript is not None else None
     if log is not None:
-        if resume_transcript:
-            log.write("resume", context=opening)
+        if start.resumed:
+            log.write("resume", context=start.opening)
         else:
             log.write(
                 "start",
                 model=str(model),
-                reverse_model=str(reverse_model) if reverse_model else None,
-                context=opening,
-                seed=seed,
+                reverse_model=str(mmi.reverse_model) if mmi.reverse_model else None,
+                context=start.opening,
+                seed=sampling.seed,
             )
     session = ChatSession(
-        make_responder(forward, reranker, max_history_tokens=max_history_tokens, **options),
-        opening=opening,
-        history=history,
+        make_responder(forward, reranker, max_history_tokens=c.max_history_tokens, **options),
+        opening=start.opening,
+        history=start.history,
         transcript=log,
-        show_candidates=show_candidates,
-        verbose=verbose,
+        show_candidates=c.show_candidates,
+        verbose=c.verbose,
     )
     interactive = stdin_is_terminal()
     if interactive:
-        mode = f"MMI over {num_candidates} candidates" if reranker else "sampling"
+        mode = f"MMI over {mmi.num_candidates} candidates" if reranker else "sampling"
         info(f"chatting with {model} ({mode}); /help for commands, /quit to end")
     try:
         while True:
@@ -231,5 +154,5 @@ def chat(
             log.close()
     info(
         f"chat ended after {session.turns} turn(s)"
-        + (f"; transcript: {transcript}" if transcript else "")
+        + (f"; transcript: {c.transcript}" if c.transcript else "")
     )

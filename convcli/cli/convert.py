@@ -2,93 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from enum import Enum
-from pathlib import Path
-from typing import Annotated
-
-import typer
 
 from convcli.cli.common import StageBars, info
+from convcli.cli.options import settings_options
+from convcli.conversion.settings import ConvertSettings
+from convcli.errors import UsageError
+
+CONFIG_FILE = "convert.yaml"
 
 
-class Dtype(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-def convert(
-    checkpoint: Annotated[
-        Path,
-        typer.Argument(
-            help="A DialoGPT .pkl (e.g. medium_ft.pkl) or a convcli train .ckpt.",
-            show_default=False,
-        ),
-    ],
-    output: Annotated[
-        Path,
-        typer.Option("--output", "-o", help="The model folder to write.", show_default=False),
-    ],
-    tokenizer: Annotated[
-        str | None,
-        typer.Option(
-            help="Tokenizer folder or hub name. Default: what a .ckpt records, else GPT-2's "
-            "vocabulary from the hub (give a folder with vocab.json + merges.txt offline).",
-            show_default=False,
-        ),
-    ] = None,
-    dtype: Annotated[Dtype, typer.Option(help="Weights dtype of the folder.")] = Dtype.float32,
-    reverse: Annotated[
-        bool,
-        typer.Option("--reverse", help="Mark it a reverse model (small_reverse.pkl), for MMI."),
-    ] = False,
-    n_head: Annotated[
-        int | None,
-        typer.Option(
-            help="Attention heads (default: width / 64, as in every GPT-2); must divide the width.",
-            show_default=False,
-        ),
-    ] = None,
-    n_layer: Annotated[
-        int | None,
-        typer.Option(help="Expected layers: an error if the checkpoint has another number."),
-    ] = None,
-    n_embd: Annotated[
-        int | None,
-        typer.Option(help="Expected width: an error if the checkpoint has another one."),
-    ] = None,
-    verify: Annotated[
-        bool,
-        typer.Option(help="Load the written folder and compare its logits with the checkpoint's."),
-    ] = True,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
-) -> None:
+@settings_options(settings=ConvertSettings, config="convert", arguments=("checkpoint",))
+def convert(settings: ConvertSettings) -> None:
     """Convert a DialoGPT .pkl or a train .ckpt into a verified model folder.
 
     The size comes from the tensors (file names lie); no code in the file runs.
 
-    The folder is loaded back with plain transformers and its logits compared.
+    The folder is loaded back with plain transformers and its logits compared;
+    the resolved settings are written into it as convert.yaml.
 
-    Example: convcli convert medium_ft.pkl -o dialogpt-medium --tokenizer gpt2-vocab/
+    \b
+    Example: convcli convert medium_ft.pkl -o dialogpt-medium \\
+                 --tokenizer gpt2-vocab/
     """
     from convcli.convert import convert_checkpoint
+    from convcli.settings import to_yaml
 
+    s = settings
+    if s.checkpoint is None:
+        raise UsageError("give the CHECKPOINT to convert (a .pkl or a .ckpt)")
+    if s.output is None:
+        raise UsageError("--output is required: the model folder to write")
+    options = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
+    del options["checkpoint"], options["output"]
+    config = to_yaml(s, header="convcli convert: the resolved settings of this folder")
     with StageBars(label=lambda stage: f"{stage:<7}", leave=True) as bars:
         report = convert_checkpoint(
-            checkpoint,
-            output,
-            tokenizer=tokenizer,
-            dtype=dtype.value,
-            reverse=reverse,
-            n_head=n_head,
-            n_layer=n_layer,
-            n_embd=n_embd,
-            verify=verify,
-            overwrite=overwrite,
-            progress=bars,
+            s.checkpoint, s.output, progress=bars, extra_files={CONFIG_FILE: config}, **options
         )
     if report.dropped:
         info(f"dropped {len(report.dropped)} keys: {_dropped(report.dropped)}")

@@ -11,33 +11,19 @@ from typing import Annotated, Any
 import typer
 
 from convcli.cli.common import info
-from convcli.cli.options import (
-    BATCH,
-    GEN,
-    Device,
-    ExtraOption,
-    MaxNewTokens,
-    MinNewTokens,
-    MMIArgmax,
-    MMISource,
-    MMISourceOpt,
-    MMITemperature,
-    NoRepeatNgram,
-    NumBeams,
-    NumCandidates,
-    OnError,
-    RepetitionPenalty,
-    ReverseModel,
-    Seed,
-    Temperature,
-    TopK,
-    TopP,
-    load_models,
-    sampling_options,
-)
+from convcli.cli.options import ExtraOption, extra_options, settings_options
 from convcli.errors import UsageError
+from convcli.inference.settings import (
+    BatchSettings,
+    MMISettings,
+    RuntimeSettings,
+    SamplingSettings,
+)
 
 
+@settings_options(
+    sampling=SamplingSettings, mmi=MMISettings, batch=BatchSettings, runtime=RuntimeSettings
+)
 def generate(
     model: Annotated[
         Path, typer.Argument(help="A model folder (from train or convert, or a GPT-2 folder).")
@@ -45,93 +31,36 @@ def generate(
     turns: Annotated[
         list[str] | None, typer.Argument(help="The conversation so far, oldest turn first.")
     ] = None,
-    max_new_tokens: MaxNewTokens = None,
-    min_new_tokens: MinNewTokens = None,
-    do_sample: Annotated[
-        bool | None,
-        typer.Option(
-            "--do-sample/--greedy",
-            help="Sample, or decode greedily (default greedy; sampling with MMI).",
-            rich_help_panel=GEN,
-        ),
-    ] = None,
-    temperature: Temperature = None,
-    top_k: TopK = None,
-    top_p: TopP = None,
-    num_beams: NumBeams = None,
-    repetition_penalty: RepetitionPenalty = None,
-    no_repeat_ngram_size: NoRepeatNgram = None,
-    num_return_sequences: Annotated[
-        int | None,
-        typer.Option(
-            "--num-return-sequences",
-            "-n",
-            min=1,
-            help="Responses per context (one per line).",
-            rich_help_panel=GEN,
-        ),
-    ] = None,
+    sampling: SamplingSettings = SamplingSettings(),
     option: ExtraOption = None,
-    seed: Seed = None,
-    reverse_model: ReverseModel = None,
-    num_candidates: NumCandidates = 8,
-    mmi_temperature: MMITemperature = 0.5,
-    mmi_argmax: MMIArgmax = False,
-    mmi_source: MMISourceOpt = MMISource.last,
+    mmi: MMISettings = MMISettings(),
     json_output: Annotated[
         bool,
         typer.Option(
             "--json", help='Print one JSON object: {"context", "responses", "candidates"}.'
         ),
     ] = False,
-    input: Annotated[
-        Path | None,
-        typer.Option(
-            "--input",
-            "-i",
-            help="JSONL of contexts (arrays of turns, or objects with 'turns'); - for stdin.",
-            rich_help_panel=BATCH,
-        ),
-    ] = None,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output",
-            help="Where to write the JSONL answers (default stdout).",
-            rich_help_panel=BATCH,
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size", min=1, help="Contexts per generate call.", rich_help_panel=BATCH
-        ),
-    ] = 8,
-    on_error: Annotated[
-        OnError,
-        typer.Option(
-            "--on-error",
-            help="strict: stop at the first bad line; skip: count and skip it.",
-            rich_help_panel=BATCH,
-        ),
-    ] = OnError.strict,
-    device: Device = None,
+    batch: BatchSettings = BatchSettings(),
+    runtime: RuntimeSettings = RuntimeSettings(),
 ) -> None:
     """Generate the next turn of a conversation (with optional MMI reranking).
 
-    Prints the response on stdout and nothing else, so it pipes.
-    Every transformers generate option works: common ones as flags, others as -o KEY=VALUE.
+    Prints the response on stdout and nothing else, so it pipes. Every transformers
+    generate option works: common ones as flags, others as --option KEY=VALUE.
 
+    \b
     Examples:
-
       convcli generate my-model "Hello" "Hi, how are you?"
-
-      convcli generate my-model "Do you like tea?" --do-sample --top-p 0.9 --seed 1 -n 3
-
-      convcli generate my-model "Hello" --reverse-model my-reverse --num-candidates 8 --json
-
-      convcli generate my-model --input contexts.jsonl --output answers.jsonl --batch-size 16
+      convcli generate my-model "Do you like tea?" --do-sample --top-p 0.9 \\
+          --seed 1 -n 3
+      convcli generate my-model "Hello" --reverse-model my-reverse \\
+          --num-candidates 8 --json
+      convcli generate my-model --input contexts.jsonl --output answers.jsonl \\
+          --batch-size 16
     """
+    from convcli.inference.loading import load_models
+
+    input, output = batch.input, batch.output
     if input is not None and turns:
         raise UsageError("give turns on the command line or --input FILE, not both")
     if input is None and not turns:
@@ -140,36 +69,20 @@ def generate(
         )
     if output is not None and input is None:
         raise UsageError("--output goes with --input (single answers print on stdout)")
-    if reverse_model is not None and num_return_sequences not in (None, 1):
+    if mmi.reverse_model is not None and sampling.num_return_sequences not in (None, 1):
         raise UsageError(
             "with --reverse-model the reply is one chosen candidate: use --num-candidates"
         )
-    options = sampling_options(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        num_beams=num_beams,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        num_return_sequences=None if reverse_model else num_return_sequences,
-        option=option,
-    )
+    options = {**sampling.generate_kwargs(), **extra_options(option)}
+    if mmi.reverse_model is not None:
+        options.pop("num_return_sequences", None)
     counts = None
     if input is not None:
         # Read (and, by default, validate) every line before the model loads.
-        counts, items = _read_input(input, strict=on_error is OnError.strict)
-    forward, reranker = load_models(
-        model,
-        reverse_model,
-        device=device,
-        num_candidates=num_candidates,
-        mmi_temperature=mmi_temperature,
-        mmi_argmax=mmi_argmax,
-        mmi_source=mmi_source.value,
-    )
+        counts, items = _read_input(input, strict=batch.on_error == "strict")
+    forward, reranker, notes = load_models(model, mmi, runtime)
+    for note in notes:
+        info(f"warning: {note}")
 
     def answer(contexts: list[list[str]]) -> list[dict[str, Any]]:
         if reranker is not None:
@@ -180,10 +93,10 @@ def generate(
         result = forward.generate(contexts, **options)
         return [{"responses": group} for group in result.per_context()]
 
-    if seed is not None:
+    if sampling.seed is not None:
         import torch
 
-        torch.manual_seed(seed)
+        torch.manual_seed(sampling.seed)
     if counts is None:
         (record,) = answer([list(turns or [])])
         if json_output:
@@ -192,7 +105,7 @@ def generate(
             for text in record["responses"]:
                 typer.echo(" ".join(text.splitlines()))
         return
-    _batch_mode(items, counts, output, answer, batch_size=batch_size)
+    _batch_mode(items, counts, output, answer, batch_size=batch.batch_size)
 
 
 def _read_input(input: Path, *, strict: bool) -> tuple[Any, list[Any]]:

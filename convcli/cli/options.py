@@ -1,142 +1,292 @@
-"""Options and model loading shared by `generate`, `chat` and `eval`."""
+"""Command-line options built from settings dataclasses: one field, one option.
+
+A command declares the settings it takes as parameters typed with a settings dataclass
+(`settings: TrainSettings`); `@settings_options(...)` replaces each such parameter by one
+option per field, named after the field (`learning_rate` -> `--learning-rate`), with the
+field's docstring as help, its default, and its `Literal` choices. The command receives
+the settings object, built by the same rules everywhere:
+
+    default (the dataclass, or the instance given) < `--config` file < flags typed here
+
+With `config=...` the command also gets `--config FILE` and `--print-config`. Adding an
+option to a command means adding a field (with a docstring) to its settings dataclass.
+
+Core errors name parameters in backquotes (`ConvcliError("`num_candidates` must be at
+least 1", param="num_candidates")`); the user reads the flag instead (`--num-candidates`).
+"""
 
 from __future__ import annotations
 
-import json
-from enum import Enum
+import dataclasses
+import functools
+import inspect
+import re
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-from convcli.cli.common import info
-from convcli.errors import UsageError
+from convcli.errors import ConvcliError, UsageError
 
-if TYPE_CHECKING:
-    from convcli.inference.mmi import MMIReranker
-    from convcli.inference.model import ConversationModel
-
-GEN = "Generation"
-MMI = "MMI reranking"
-BATCH = "Batch mode"
-
-
-class MMISource(str, Enum):
-    last = "last"
-    history = "history"
-
-
-class OnError(str, Enum):
-    strict = "strict"
-    skip = "skip"
+# Short and extra names, shared by every command so that each means one thing.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "output": ("-o",),
+    "data": ("-d",),
+    "input": ("-i",),
+    "num_return_sequences": ("-n",),
+    "learning_rate": ("--lr",),
+    "verbose": ("-v",),
+}
+# The "off" name of a boolean flag, where `--no-NAME` is not the clearest.
+NEGATIVES: dict[str, str] = {"do_sample": "--greedy"}
+CONFIG = "config"
+PRINT_CONFIG = "print_config"
+_CTX = "_convcli_ctx"
 
 
-# Shared option types (chat uses them too).
-MaxNewTokens = Annotated[
-    int | None,
-    typer.Option(
-        "--max-new-tokens",
-        min=1,
-        help="Tokens to generate at most (default 64, capped to fit the model).",
-        rich_help_panel=GEN,
-    ),
-]
-MinNewTokens = Annotated[
-    int | None,
-    typer.Option(
-        "--min-new-tokens", min=0, help="Tokens to generate at least.", rich_help_panel=GEN
-    ),
-]
-Temperature = Annotated[
-    float | None,
-    typer.Option("--temperature", min=0.0, help="Sampling temperature.", rich_help_panel=GEN),
-]
-TopK = Annotated[
-    int | None, typer.Option("--top-k", min=0, help="Top-k sampling.", rich_help_panel=GEN)
-]
-TopP = Annotated[
-    float | None,
-    typer.Option(
-        "--top-p", min=0.0, max=1.0, help="Nucleus (top-p) sampling.", rich_help_panel=GEN
-    ),
-]
-NumBeams = Annotated[
-    int | None, typer.Option("--num-beams", min=1, help="Beam search width.", rich_help_panel=GEN)
-]
-RepetitionPenalty = Annotated[
-    float | None,
-    typer.Option(
-        "--repetition-penalty",
-        min=0.0,
-        help="Penalty for repeated tokens (1.0 = none).",
-        rich_help_panel=GEN,
-    ),
-]
-NoRepeatNgram = Annotated[
-    int | None,
-    typer.Option(
-        "--no-repeat-ngram-size",
-        min=0,
-        help="Never repeat an n-gram of this size.",
-        rich_help_panel=GEN,
-    ),
-]
+def flag(name: str) -> str:
+    """The flag of a settings field: `num_candidates` -> `--num-candidates`."""
+    return "--" + name.replace("_", "-")
+
+
+def help_text(doc: str) -> str:
+    """A field docstring as option help: `name` in backquotes becomes its flag."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag(m.group(1)), " ".join(doc.split()))
+
+
+def _split_optional(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if len(args) == 1 else typing.Union[tuple(args)]  # noqa: UP007
+        return base, len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _choices(hint: Any) -> tuple[str, ...]:
+    base, _ = _split_optional(hint)
+    if typing.get_origin(base) is typing.Literal:
+        return tuple(str(a) for a in typing.get_args(base))
+    return ()
+
+
+def _parameter(name: str, hint: Any, default: Any, doc: str, *, argument: bool) -> Any:
+    """The Typer `Annotated[...]` for one settings field."""
+    base, optional = _split_optional(hint)
+    help = help_text(doc)
+    show_default = default is not None and not isinstance(default, bool)
+    if argument:
+        return Annotated[
+            list[str] | None if typing.get_origin(base) is list else hint,
+            typer.Argument(help=help, show_default=False),
+        ]
+    decls = ALIASES.get(name, ())
+    if base is bool:
+        names = f"{flag(name)}/{NEGATIVES.get(name, '--no-' + flag(name)[2:])}"
+        return Annotated[
+            bool | None if optional else bool,
+            typer.Option(names, *decls, help=help, show_default=False),
+        ]
+    choices = _choices(hint)
+    if choices:
+        # Parsed as text and checked with the config values' rule: one line, one style.
+        metavar = "[" + "|".join(choices) + "]"
+        return Annotated[
+            str | None if optional else str,
+            typer.Option(flag(name), *decls, help=help, metavar=metavar, show_default=show_default),
+        ]
+    return Annotated[hint, typer.Option(flag(name), *decls, help=help, show_default=show_default)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """One settings parameter of a command: its dataclass, defaults and exposed fields."""
+
+    param: str
+    cls: type
+    base: Any
+    fields: tuple[str, ...]
+    hints: dict[str, Any]
+
+
+def _group(param: str, spec: Any, hide: frozenset[str]) -> _Group:
+    cls = spec if isinstance(spec, type) else type(spec)
+    base = spec() if isinstance(spec, type) else spec
+    hints = typing.get_type_hints(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in hide)
+    return _Group(param, cls, base, names, hints)
+
+
+def settings_options(
+    *,
+    config: str | None = None,
+    arguments: tuple[str, ...] = (),
+    hide: tuple[str, ...] = (),
+    **specs: Any,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Turn the command's settings parameters into options (see the module docstring).
+
+    specs: parameter name -> a settings dataclass, or an instance of one whose values are
+    this command's defaults (e.g. chat's sampling defaults).
+    config: the command name for `--config`/`--print-config` (None: no config file).
+    arguments: fields taken as positional arguments instead of options.
+    hide: fields not offered on this command (they keep their default; a config may set them).
+    """
+    hidden = frozenset(hide)
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        groups = [_group(p, spec, hidden) for p, spec in specs.items()]
+        by_param = {g.param: g for g in groups}
+        own_hints = typing.get_type_hints(func, include_extras=True)
+        params = [inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
+        for p in inspect.signature(func).parameters.values():
+            group = by_param.get(p.name)
+            if group is None:
+                params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=own_hints[p.name]))  # fmt: skip
+                continue
+            docs = _field_docs(group.cls)
+            for name in group.fields:
+                default = getattr(group.base, name)
+                annotation = _parameter(
+                    name, group.hints[name], default, docs.get(name, ""),
+                    argument=name in arguments,
+                )  # fmt: skip
+                default = None if name in arguments else default
+                params.append(
+                    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                      annotation=annotation, default=default)
+                )  # fmt: skip
+        if config is not None:
+            params += _config_parameters()
+
+        @functools.wraps(func)
+        def command(**values: Any) -> Any:
+            ctx: typer.Context = values.pop(_CTX)
+            try:
+                kwargs = _resolve(ctx, groups, values, config)
+                if kwargs is None:  # --print-config done
+                    return None
+                return func(**kwargs)
+            except ConvcliError as exc:
+                _as_flags(exc, ctx)
+                raise
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # Typer must read the signature above, not func's
+        return command
+
+    return decorate
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    from convcli.settings import field_docs
+
+    return field_docs(cls)
+
+
+def _config_parameters() -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    return [
+        inspect.Parameter(
+            CONFIG, kw, default=None,
+            annotation=Annotated[Path | None, typer.Option(
+                "--config", "-c", help="YAML settings file (flags given here win).",
+                show_default=False)],
+        ),
+        inspect.Parameter(
+            PRINT_CONFIG, kw, default=False,
+            annotation=Annotated[bool, typer.Option(
+                "--print-config", help="Print the resolved settings as YAML and exit.",
+                show_default=False)],
+        ),
+    ]  # fmt: skip
+
+
+def typed_here(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave this parameter on the command line (or its environment)."""
+    # By name: typer 0.29 vendors its own click, whose ParameterSource is not click's.
+    source = getattr(ctx.get_parameter_source(name), "name", None)
+    return source in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _resolve(
+    ctx: typer.Context, groups: list[_Group], values: dict[str, Any], config: str | None
+) -> dict[str, Any] | None:
+    """The command's keyword arguments: settings objects replace their fields' values."""
+    from convcli.settings import read_yaml, to_yaml, update
+
+    path = values.pop(CONFIG, None)
+    print_config = values.pop(PRINT_CONFIG, False)
+    from_file = read_yaml(path) if path is not None else {}
+    known = {f.name for g in groups for f in dataclasses.fields(g.cls)}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise UsageError(f"{path}: unknown option(s): {', '.join(unknown)}")
+    resolved: dict[str, Any] = {}
+    for g in groups:
+        names = {f.name for f in dataclasses.fields(g.cls)}
+        given = {}
+        for name in g.fields:
+            value = values.pop(name)
+            if typed_here(ctx, name):
+                given[name] = list(value) if isinstance(value, tuple) else value
+        for name, value in given.items():
+            choices = _choices(g.hints[name])
+            if choices and value not in choices:
+                raise UsageError(
+                    f"`{name}`: {value!r} is not one of {', '.join(choices)}", param=name
+                )
+        settings = update(g.base, {k: v for k, v in from_file.items() if k in names}, str(path))
+        resolved[g.param] = dataclasses.replace(settings, **given)
+    if print_config:
+        header = f"convcli {config} settings (edit, then --config FILE)"
+        texts = [
+            to_yaml(s, header=header if i == 0 else "") for i, s in enumerate(resolved.values())
+        ]
+        typer.echo("\n".join(texts), nl=False)
+        return None
+    return {**values, **resolved}
+
+
+def _as_flags(exc: ConvcliError, ctx: typer.Context) -> None:
+    """Show the parameters a core error names (`name`, in backquotes) as this command's flags."""
+    if len(exc.args) != 1 or not isinstance(exc.args[0], str):
+        return
+    opts = {p.name: max(p.opts, key=len) for p in ctx.command.params if p.name and p.opts}
+
+    def shown(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in opts:
+            opt = opts[name]
+            return opt if opt.startswith("-") else name.upper()  # an argument: NAME
+        return flag(name) if name in exc.params else match.group(0)
+
+    exc.args = (re.sub(r"`([a-z][a-z0-9_]*)`", shown, exc.args[0]),)
+
+
+# Shared by generate and chat: options that transformers' generate takes as they are.
 ExtraOption = Annotated[
     list[str] | None,
     typer.Option(
         "--option",
-        "-o",
         metavar="KEY=VALUE",
         help="Any other transformers generate option (VALUE read as JSON), "
-        "e.g. -o length_penalty=0.8.",
-        rich_help_panel=GEN,
-    ),
-]
-Seed = Annotated[
-    int | None, typer.Option("--seed", help="Random seed: the same seed gives the same output.")
-]
-Device = Annotated[
-    str | None,
-    typer.Option("--device", help="cpu, cuda, cuda:1, mps... (default CUDA when present)."),
-]
-ReverseModel = Annotated[
-    Path | None,
-    typer.Option(
-        "--reverse-model",
-        help="A reverse model folder: rerank candidates by MMI.",
-        rich_help_panel=MMI,
-    ),
-]
-NumCandidates = Annotated[
-    int,
-    typer.Option(
-        "--num-candidates", min=1, help="Candidates sampled for MMI.", rich_help_panel=MMI
-    ),
-]
-MMITemperature = Annotated[
-    float,
-    typer.Option(
-        "--mmi-temperature", min=0.0, help="Pick from softmax(score / T).", rich_help_panel=MMI
-    ),
-]
-MMIArgmax = Annotated[
-    bool, typer.Option("--mmi-argmax", help="Pick the best-scored candidate.", rich_help_panel=MMI)
-]
-MMISourceOpt = Annotated[
-    MMISource,
-    typer.Option(
-        "--mmi-source",
-        help="Score against the last message or the whole history (newest first).",
-        rich_help_panel=MMI,
+        "e.g. --option length_penalty=0.8; repeatable.",
     ),
 ]
 
 
-def sampling_options(**values: Any) -> dict[str, Any]:
-    """The transformers generate kwargs the user set (None = unset), plus `--option`s."""
-    extra = values.pop("option", None) or []
-    options = {k: v for k, v in values.items() if v is not None}
-    for item in extra:
+def extra_options(items: list[str] | None) -> dict[str, Any]:
+    """`--option KEY=VALUE` values as generate keyword arguments."""
+    import json
+
+    options: dict[str, Any] = {}
+    for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
@@ -145,41 +295,3 @@ def sampling_options(**values: Any) -> dict[str, Any]:
         except ValueError:
             options[key.strip()] = raw
     return options
-
-
-def load_models(
-    model: Path,
-    reverse_model: Path | None,
-    *,
-    device: str | None,
-    num_candidates: int,
-    mmi_temperature: float,
-    mmi_argmax: bool,
-    mmi_source: str,
-) -> tuple[ConversationModel, MMIReranker | None]:
-    """The forward model and, with a reverse model, the MMI reranker; warnings on stderr."""
-    from transformers.utils import logging as hf_logging
-
-    from convcli.inference.mmi import MMIReranker
-    from convcli.inference.model import ConversationModel
-
-    # transformers' advice and weight-loading bars are noise on a CLI's stderr.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    forward = ConversationModel.from_pretrained(model, device=device)
-    if forward.meta.reverse:
-        info(f"warning: {model} is marked as a reverse model; its replies will read backwards")
-    if reverse_model is None:
-        return forward, None
-    reverse = ConversationModel.from_pretrained(reverse_model, device=device)
-    if not reverse.meta.reverse:
-        info(f"warning: {reverse_model} is not marked as a reverse model (convcli.json)")
-    reranker = MMIReranker(
-        forward,
-        reverse,
-        num_candidates=num_candidates,
-        temperature=mmi_temperature,
-        argmax=mmi_argmax,
-        source=mmi_source,
-    )
-    return forward, reranker

@@ -185,22 +185,22 @@ def check_sizes(
     n_head: int | None,
     n_layer: int | None = None,
     n_embd: int | None = None,
-    head_source: str = "--n-head",
+    head_source: str = "`n_head`",
 ) -> int:
     """Check user-given sizes against the tensors; return the number of heads."""
     if n_layer is not None and n_layer != shape.n_layer:
         raise UsageError(
-            f"--n-layer {n_layer} disagrees with the checkpoint, which has {shape.n_layer} layers"
+            f"`n_layer` {n_layer} disagrees with the checkpoint, which has {shape.n_layer} layers"
         )
     if n_embd is not None and n_embd != shape.n_embd:
         raise UsageError(
-            f"--n-embd {n_embd} disagrees with the checkpoint, whose width is {shape.n_embd}"
+            f"`n_embd` {n_embd} disagrees with the checkpoint, whose width is {shape.n_embd}"
         )
     if n_head is None:
         if shape.n_embd % HEAD_WIDTH:
             raise UsageError(
                 f"cannot infer the number of heads of width {shape.n_embd} "
-                f"(not a multiple of {HEAD_WIDTH}); pass --n-head"
+                f"(not a multiple of {HEAD_WIDTH}); pass `n_head`"
             )
         return shape.n_embd // HEAD_WIDTH
     if n_head < 1 or shape.n_embd % n_head:

@@ -5,10 +5,10 @@ whole lines. Worker processes do the rest of the work per chunk (`Encoder`): par
 check the lines, split dialogues into train/valid by a hash of their turns, tokenize
 every turn in one batched call and lay the examples out with numpy (`examples.lay_out`). Results
 come back in file order as flat arrays; the main process raises on the first bad line
-(strict), drops exact duplicates (--dedupe: it needs every key seen so far) and appends
+(strict), drops exact duplicates (`dedupe`: it needs every key seen so far) and appends
 to the shard files. So the output does not depend on the number of workers. Nothing
 holds more than a few chunks, so memory stays flat however large the corpus (except the
-keys kept by --dedupe). Everything is written into a temporary sibling of the output and
+keys kept by `dedupe`). Everything is written into a temporary sibling of the output and
 renamed into place at the end (`write_atomically`).
 """
 
@@ -67,7 +67,9 @@ def prepare(settings: PrepareSettings, progress: Progress | None = None) -> Prep
     assert settings.output is not None
     output = Path(settings.output)
     if output.exists() and not settings.overwrite:
-        raise ConvcliError(f"{output} already exists (pass --overwrite to replace it)")
+        raise ConvcliError(
+            f"{output} already exists (pass `overwrite` to replace it)", param="overwrite"
+        )
     started = time.perf_counter()
     results: list[PrepareResult] = []
     write_atomically(
@@ -89,21 +91,27 @@ def _check(settings: PrepareSettings) -> None:
     if not settings.inputs:
         raise UsageError("no input files given")
     if settings.output is None:
-        raise UsageError("--output: the shard directory to write is required")
+        raise UsageError("`output`: the shard directory to write is required", param="output")
+    tokenizers = ("tokenizer", "train_tokenizer")
     if settings.tokenizer and settings.train_tokenizer:
-        raise UsageError("give either --tokenizer or --train-tokenizer, not both")
+        raise UsageError("give either `tokenizer` or `train_tokenizer`, not both", param=tokenizers)
     if not settings.tokenizer and not settings.train_tokenizer:
-        raise UsageError("give --tokenizer NAME_OR_PATH, or --train-tokenizer --vocab-size N")
+        raise UsageError("give `tokenizer` NAME_OR_PATH, or `train_tokenizer` `vocab_size` N",
+                         param=(*tokenizers, "vocab_size"))  # fmt: skip
     if settings.train_tokenizer and settings.vocab_size < 258:
-        raise UsageError(f"--vocab-size: {settings.vocab_size} is too small (at least 258)")
+        raise UsageError(f"`vocab_size`: {settings.vocab_size} is too small (at least 258)",
+                         param="vocab_size")  # fmt: skip
     if settings.max_length < 4:
-        raise UsageError(f"--max-length: {settings.max_length} cannot hold two turns (min 4)")
+        raise UsageError(f"`max_length`: {settings.max_length} cannot hold two turns (min 4)",
+                         param="max_length")  # fmt: skip
     if not 0.0 <= settings.valid_fraction < 1.0:
-        raise UsageError(f"--valid-fraction: {settings.valid_fraction} is not in [0, 1)")
+        raise UsageError(f"`valid_fraction`: {settings.valid_fraction} is not in [0, 1)",
+                         param="valid_fraction")  # fmt: skip
     if settings.workers < 1:
-        raise UsageError(f"--workers: {settings.workers} must be at least 1")
+        raise UsageError(f"`workers`: {settings.workers} must be at least 1", param="workers")
     if settings.shard_tokens < 1:
-        raise UsageError(f"shard_tokens: {settings.shard_tokens} must be at least 1")
+        raise UsageError(f"`shard_tokens`: {settings.shard_tokens} must be at least 1",
+                         param="shard_tokens")  # fmt: skip
     refuse_to_replace_inputs(settings.output, settings.inputs)
 
 
@@ -345,7 +353,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
     strict = settings.on_error == "strict"
     tally = Tally()
     skipped = tally.skipped
-    seen: set[bytes] = set()  # --dedupe: one key per distinct dialogue (inherent to exact dedupe)
+    seen: set[bytes] = set()  # dedupe: one key per distinct dialogue (inherent to exact dedupe)
     split_dialogues = dict.fromkeys(SPLITS, 0)
     truncated = 0
 

@@ -29,7 +29,7 @@ from typing import IO, Any
 from convcli.errors import InputError
 
 HELP = """commands:
-  /reset       start a new conversation (the --context turns are kept)
+  /reset       start a new conversation (the opening turns are kept)
   /candidates  show the last turn's candidates and their MMI scores
   /help        show this help
   /quit, /exit end the chat (so do Ctrl-D and Ctrl-C)
@@ -134,6 +134,52 @@ def load_transcript(path: str | Path) -> TranscriptState:
     return state
 
 
+@dataclass
+class Start:
+    """What a chat starts from: its opening turns, and the history of a resumed one."""
+
+    opening: list[str]
+    history: list[str]
+    resumed: bool
+    """Whether it continues a transcript (False for a new conversation)."""
+    notes: list[str] = field(default_factory=list)
+
+
+def start_conversation(
+    opening: list[str] | None, transcript: str | Path | None = None, resume: bool = False
+) -> Start:
+    """The opening and history to chat from: a given `opening` wins over a resumed
+    transcript's own; resuming a transcript that does not exist yet starts a new one."""
+    from convcli.errors import UsageError
+
+    if resume and transcript is None:
+        raise UsageError(
+            "`resume_transcript` needs `transcript` FILE", param=("resume_transcript", "transcript")
+        )
+    if not resume or transcript is None:
+        return Start(list(opening or []), [], False)
+    if not Path(transcript).is_file():
+        note = f"{transcript} does not exist yet: starting a new conversation"
+        return Start(list(opening or []), [], False, [note])
+    state = load_transcript(transcript)
+    start_opening = opening if opening is not None else state.opening
+    note = f"resuming {transcript}: {len(state.history) // 2} turn(s)"
+    return Start(list(start_opening or []), state.history, True, [note])
+
+
+def check_opening(model: Any, opening: list[str], budget: int) -> None:
+    """Refuse opening turns that leave no room for a message in the context budget."""
+    from convcli.errors import UsageError
+
+    tokens = sum(len(t) + 1 for t in model.tokenizer.encode_turns(opening)) + 1
+    if opening and tokens + 8 > budget:
+        raise UsageError(
+            f"`context` takes {tokens} tokens, leaving no room for the conversation within "
+            f"the {budget} tokens a model input may hold here",
+            param="context",
+        )
+
+
 def one_line(text: str) -> str:
     """A reply on one output line: newlines become spaces."""
     return " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
@@ -141,7 +187,7 @@ def one_line(text: str) -> str:
 
 def format_candidates(response: Response | None) -> list[str]:
     if response is None or not response.candidates:
-        return ["(no candidates: they exist only with --reverse-model, after a turn)"]
+        return ["(no candidates: they exist only with a reverse model, after a turn)"]
     lines = ["candidates (MMI score, * = chosen):"]
     for i, cand in enumerate(response.candidates):
         mark = "*" if i == response.chosen else " "

@@ -26,16 +26,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from convcli.errors import ConvcliError, UsageError
 from convcli.inference.model import ConversationModel, _as_batch
+from convcli.inference.settings import MMI_CANDIDATE_SAMPLING, MMISettings
 from convcli.tokenizer import layout, truncate_turns
 
 if TYPE_CHECKING:
     import torch
 
 Source = Literal["last", "history"]
-DEFAULT_CANDIDATES = 8
-DEFAULT_TEMPERATURE = 0.5
+# The defaults live once, in convcli.inference.settings.
+DEFAULT_CANDIDATES = MMISettings.num_candidates
+DEFAULT_TEMPERATURE = MMISettings.mmi_temperature
 # Candidate sampling unless the caller says otherwise (the tutorial's top-k sampling).
-DEFAULT_SAMPLING: dict[str, Any] = {"do_sample": True, "top_k": 50}
+DEFAULT_SAMPLING: dict[str, Any] = MMI_CANDIDATE_SAMPLING.generate_kwargs()
 
 
 @dataclass
@@ -169,11 +171,13 @@ class MMIReranker:
     ) -> None:
         check_same_tokenizer(forward, reverse)
         if num_candidates < 1:
-            raise UsageError(f"--num-candidates must be at least 1, got {num_candidates}")
+            raise UsageError(
+                f"`num_candidates` must be at least 1, got {num_candidates}", param="num_candidates"
+            )
         if not argmax and temperature <= 0:
-            raise UsageError(f"--mmi-temperature must be positive, got {temperature}")
+            raise UsageError(f"`temperature` must be positive, got {temperature}")
         if source not in ("last", "history"):
-            raise UsageError(f"--mmi-source must be last or history, got {source!r}")
+            raise UsageError(f"`source` must be last or history, got {source!r}")
         self.forward, self.reverse = forward, reverse
         self.num_candidates = num_candidates
         self.temperature, self.argmax, self.source = temperature, argmax, source

@@ -28,31 +28,36 @@ RESTORED_ON_RESUME = ("learning_rate", "weight_decay")
 def check_settings(s: TrainSettings) -> None:
     """Reject impossible option combinations with one line naming the option."""
     if s.data is None:
-        raise UsageError("--data is required (a shard directory from `convcli prepare`)")
+        raise UsageError(
+            "`data` is required (a shard directory from `convcli prepare`)", param="data"
+        )
     if s.output is None:
-        raise UsageError("--output is required (the run directory)")
+        raise UsageError("`output` is required (the run directory)", param="output")
     if (s.model is None) == (s.preset is None):
-        raise UsageError("give exactly one of --model NAME_OR_PATH or --preset tiny|small|medium")
+        raise UsageError("give exactly one of `model` NAME_OR_PATH or `preset` tiny|small|medium",
+                         param=("model", "preset"))  # fmt: skip
     if s.preset is not None and s.preset not in PRESET_NAMES:
         choose = ", ".join(PRESET_NAMES)
-        raise UsageError(f"--preset: unknown preset {s.preset!r} (choose {choose})")
+        raise UsageError(f"`preset`: unknown preset {s.preset!r} (choose {choose})", param="preset")
     positive = {
-        "--batch-tokens": s.batch_tokens, "--accumulate": s.accumulate,
-        "--val-every": s.val_every, "--save-every": s.save_every,
-        "--keep-checkpoints": s.keep_checkpoints, "--num-nodes": s.num_nodes,
-        "--batch-size": s.batch_size or 1, "--max-steps": s.max_steps or 1,
-        "--max-epochs": s.max_epochs or 1,
+        "batch_tokens": s.batch_tokens, "accumulate": s.accumulate,
+        "val_every": s.val_every, "save_every": s.save_every,
+        "keep_checkpoints": s.keep_checkpoints, "num_nodes": s.num_nodes,
+        "batch_size": s.batch_size or 1, "max_steps": s.max_steps or 1,
+        "max_epochs": s.max_epochs or 1,
     }  # fmt: skip
-    for flag, value in positive.items():
+    for name, value in positive.items():
         if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
+            raise UsageError(f"`{name}` must be at least 1, got {value}", param=name)
     if s.reverse and s.train_on == "weights":
         # DialoGPT weights mark replies; reversed, the only weighted turn would come first
         # with nothing before it, and the source (the target of MMI) would never be trained.
-        raise UsageError("--reverse cannot use --train-on weights: use responses (the default)")
+        raise UsageError("`reverse` cannot use `train_on` weights: use responses (the default)",
+                         param=("reverse", "train_on"))  # fmt: skip
     if s.learning_rate <= 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.warmup_steps < 0:
-        raise UsageError("--learning-rate must be > 0; --weight-decay, --grad-clip, "
-                         "--warmup-steps must be >= 0")  # fmt: skip
+        names = ("learning_rate", "weight_decay", "grad_clip", "warmup_steps")
+        raise UsageError("`learning_rate` must be > 0; `weight_decay`, `grad_clip`, "
+                         "`warmup_steps` must be >= 0", param=names)  # fmt: skip
 
 
 def open_shards(path: Path) -> tuple[Shards, ConversationTokenizer]:
@@ -71,32 +76,35 @@ def open_shards(path: Path) -> tuple[Shards, ConversationTokenizer]:
 
 
 def find_checkpoint(s: TrainSettings) -> Path | None:
-    """The checkpoint to resume from: --resume auto (newest in the run) or a path."""
+    """The checkpoint to resume from: resume="auto" (newest in the run) or a path."""
     if s.resume is None:
         return None
     assert s.output is not None
     if s.resume != "auto":
         path = Path(s.resume)
         if not path.is_file():
-            raise ConvcliError(f"--resume: checkpoint not found: {path}")
+            raise ConvcliError(f"`resume`: checkpoint not found: {path}", param="resume")
         return path
     found = step_checkpoints(s.output / CHECKPOINTS)
     if not found:
-        raise ConvcliError(f"--resume auto: nothing to resume in {s.output / CHECKPOINTS}")
+        raise ConvcliError(
+            f"`resume` auto: nothing to resume in {s.output / CHECKPOINTS}", param="resume"
+        )
     return found[-1][1]
 
 
 def prepare_output(s: TrainSettings, resuming: bool) -> None:
-    """Refuse to mix two runs in one directory; --overwrite clears the old one."""
+    """Refuse to mix two runs in one directory; `overwrite` clears the old one."""
     assert s.output is not None
     if s.output.exists() and not s.output.is_dir():
-        raise ConvcliError(f"--output: {s.output} is a file, not a directory")
+        raise ConvcliError(f"`output`: {s.output} is a file, not a directory", param="output")
     old = [s.output / n for n in (CHECKPOINTS, "final", "logs") if (s.output / n).exists()]
     if old and not resuming:
         if not s.overwrite:
             raise ConvcliError(
-                f"{s.output} already holds a run; pass --resume auto to continue it "
-                "or --overwrite to start over"
+                f"{s.output} already holds a run; use `resume` auto to continue it "
+                "or `overwrite` to start over",
+                param=("resume", "overwrite"),
             )
         for path in [*old, s.output / "best"]:
             shutil.rmtree(path, ignore_errors=True)
@@ -115,8 +123,8 @@ def check_vocabulary(
         return
     raise ConvcliError(
         f"{data} was prepared with a different tokenizer (fingerprint {data_tok.fingerprint()}) "
-        f"than the model {model_name} ({model_tok.fingerprint()}); run `convcli prepare` "
-        f"with --tokenizer {model_name}"
+        f"than the model {model_name} ({model_tok.fingerprint()}); prepare it again "
+        f"with `tokenizer` {model_name}"
     )
 
 
@@ -143,16 +151,18 @@ def check_resume(
     try:
         checkpoint = load_weights_only(path)  # tensors and plain values only, like Lightning
     except ConvcliError as exc:
-        raise ConvcliError(f"--resume: {exc}") from None
+        raise ConvcliError(f"`resume`: {exc}", param="resume") from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or not isinstance(hparams.get("config"), dict):
-        raise ConvcliError(f"--resume: {path} is not a convcli training checkpoint")
+        raise ConvcliError(f"`resume`: {path} is not a convcli training checkpoint", param="resume")
     saved = hparams["config"]
     keys = ("model_type", "vocab_size", "n_layer", "n_embd", "n_head")
     differ = [k for k in keys if saved.get(k) != config.get(k)]
     if differ:
         what = ", ".join(f"{k} {saved.get(k)} vs {config.get(k)}" for k in differ)
-        raise ConvcliError(f"--resume: {path} belongs to a different model ({what})")
+        raise ConvcliError(
+            f"`resume`: {path} belongs to a different model ({what})", param="resume"
+        )
 
     old = hparams.get("settings") or {}
     now = vars(s)
@@ -164,17 +174,18 @@ def check_resume(
         changed.append("token_types")
     if changed:
         what = ", ".join(
-            f"--{k.replace('_', '-')} {old.get(k, old_types)} (now {now.get(k, token_types)})"
-            for k in changed
+            f"`{k}` {old.get(k, old_types)} (now {now.get(k, token_types)})" for k in changed
         )
         raise ConvcliError(
-            f"--resume: {path} was trained with {what}; resume with the same options, or "
-            "`convcli convert` it and start a new run from that folder with --model"
+            f"`resume`: {path} was trained with {what}; resume with the same settings, or "
+            "`convcli convert` it and start a new run from that folder with `model`",
+            param=("resume", *changed, "model"),
         )
     old_data = (checkpoint.get("convcli") or {}).get("data")
     if old_data and old_data != data:
         raise ConvcliError(
-            f"--resume: {path} was trained on other data ({old_data.get('train_examples')} "
-            f"training examples, {old_data.get('train_tokens')} tokens) than --data {s.data} "
-            f"({data['train_examples']} examples, {data['train_tokens']} tokens)"
+            f"`resume`: {path} was trained on other data ({old_data.get('train_examples')} "
+            f"training examples, {old_data.get('train_tokens')} tokens) than `data` {s.data} "
+            f"({data['train_examples']} examples, {data['train_tokens']} tokens)",
+            param=("resume", "data"),
         )

@@ -169,7 +169,7 @@ def _logger(s: TrainSettings) -> Any:
             return TensorBoardLogger(save_dir=str(s.output), name="logs", default_hp_metric=False)
         except ModuleNotFoundError as exc:
             raise UsageError(
-                f"--logger tensorboard needs the tensorboard package ({exc})"
+                f"`logger` tensorboard needs the tensorboard package ({exc})", param="logger"
             ) from None
     from pytorch_lightning.loggers import CSVLogger
 
@@ -220,7 +220,7 @@ def train(
     if too_long:
         say(
             f"warning: {too_long} training examples are longer than the model's {positions} "
-            f"positions and lose their oldest turns; prepare with --max-length {positions}"
+            f"positions and lose their oldest turns; prepare with `max_length` {positions}"
         )
     padding = padding_fraction(data.sampler("train").all_batches(0), lengths)
     params = sum(p.numel() for p in model.parameters())
@@ -279,7 +279,8 @@ def train(
                 raise
             if isinstance(exc, SIGTERMException):
                 raise ConvcliError(
-                    f"terminated at step {trainer.global_step}; continue with --resume auto"
+                    f"terminated at step {trainer.global_step}; continue with `resume` auto",
+                    param="resume",
                 ) from None
             raise KeyboardInterrupt from None
         if has_valid and best.last_val_step != trainer.global_step:

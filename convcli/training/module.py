@@ -92,7 +92,8 @@ class ConversationLM(pl.LightningModule):
         if not torch.isfinite(loss):
             raise ConvcliError(
                 f"the loss is {loss.item()} at step {self.global_step + 1}: training stopped "
-                "(try a lower --learning-rate, --precision 32, or check the start model)"
+                "(try a lower `learning_rate`, `precision` 32, or check the start model)",
+                param=("learning_rate", "precision"),
             )
         self.tokens_seen += batch["attention_mask"].sum()
         self.log("train_loss", loss, prog_bar=True, batch_size=int(count))
@@ -178,6 +179,7 @@ class ConversationLM(pl.LightningModule):
             # The saved data position counts this many ranks' batches: another count
             # would silently skip or repeat data.
             raise ConvcliError(
-                f"--resume: the checkpoint was written by {world} processes, this run has "
-                f"{self.trainer.world_size}; resume with the same --devices and --num-nodes"
+                f"`resume`: the checkpoint was written by {world} processes, this run has "
+                f"{self.trainer.world_size}; resume with the same `devices` and `num_nodes`",
+                param=("resume", "devices", "num_nodes"),
             )

@@ -48,7 +48,9 @@ def test_do_sample_samples_and_the_seed_repeats_it(trained):
 
 
 def test_other_generate_options_pass_through(trained):
-    extra = generate(trained[0], "Hello", "-o", "num_beams=2", "-o", "bad_words_ids=[[5]]")
+    extra = generate(
+        trained[0], "Hello", "--option", "num_beams=2", "--option", "bad_words_ids=[[5]]"
+    )
     assert extra.exit_code == 0, extra.stderr
     assert extra.stdout.strip()
 

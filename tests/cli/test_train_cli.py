@@ -55,7 +55,7 @@ def test_bad_config_value_is_one_line(tmp_path):
         ("no-train", [], 1, "the training split is empty"),
         ("ok", ["--resume", "auto"], 1, "nothing to resume"),
         ("ok", ["--resume", "nope.ckpt"], 1, "checkpoint not found"),
-        ("no-model", ["--preset", "huge"], 2, "unknown preset 'huge'"),
+        ("no-model", ["--preset", "huge"], 2, "--preset: 'huge' is not one of tiny"),
         ("no-model", [], 2, "exactly one of --model"),
         ("ok", ["--train-on", "most"], 2, "--train-on: 'most' is not one of"),
         ("ok", ["--accumulate", "0"], 2, "--accumulate must be at least 1"),

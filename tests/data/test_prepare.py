@@ -198,7 +198,7 @@ def test_dedupe_counts_duplicates(tmp_path, run):
 def test_refuses_to_overwrite_unless_asked(tmp_path, run):
     source = write_jsonl(tmp_path / "d.jsonl", DIALOGUES)
     run(source)
-    with pytest.raises(ConvcliError, match=r"already exists \(pass --overwrite"):
+    with pytest.raises(ConvcliError, match=r"already exists \(pass `overwrite`"):
         run(source)
     assert run(source, overwrite=True, max_length=64).output == tmp_path / "out"
     assert Shards(tmp_path / "out").manifest["max_length"] == 64
@@ -316,9 +316,9 @@ def test_gpt2_vocabulary_on_dialogpt_data(tmp_path, gpt2_tokenizer_dir):
 
 def test_option_errors_are_usage_errors(tmp_path, run):
     source = write_jsonl(tmp_path / "d.jsonl", DIALOGUES)
-    with pytest.raises(UsageError, match="--tokenizer or --train-tokenizer, not both"):
+    with pytest.raises(UsageError, match="`tokenizer` or `train_tokenizer`, not both"):
         run(source, train_tokenizer=True)
-    with pytest.raises(UsageError, match="--valid-fraction"):
+    with pytest.raises(UsageError, match="`valid_fraction`"):
         run(source, valid_fraction=1.5)
-    with pytest.raises(UsageError, match="--max-length"):
+    with pytest.raises(UsageError, match="`max_length`"):
         run(source, max_length=2)

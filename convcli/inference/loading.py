@@ -1,0 +1,59 @@
+"""Loading what generate, chat, eval and a server run: the models and the torch threads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from convcli.inference.settings import MMISettings, RuntimeSettings, default_threads
+
+if TYPE_CHECKING:
+    from convcli.inference.mmi import MMIReranker
+    from convcli.inference.model import ConversationModel
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None: `default_threads()`); returns the number set."""
+    import torch
+
+    count = threads if threads is not None else default_threads()
+    torch.set_num_threads(count)
+    return count
+
+
+def load_models(
+    model: str | Path,
+    mmi: MMISettings | None = None,
+    runtime: RuntimeSettings | None = None,
+) -> tuple[ConversationModel, MMIReranker | None, list[str]]:
+    """The forward model, the MMI reranker when `mmi.reverse_model` is set, and warnings
+    for the user (a model marked the wrong way round)."""
+    from transformers.utils import logging as hf_logging
+
+    from convcli.inference.mmi import MMIReranker
+    from convcli.inference.model import ConversationModel
+
+    mmi = mmi or MMISettings()
+    runtime = runtime or RuntimeSettings()
+    set_threads(runtime.threads)
+    # transformers' advice and weight-loading bars are noise for a front end.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    notes: list[str] = []
+    forward = ConversationModel.from_pretrained(model, device=runtime.device)
+    if forward.meta.reverse:
+        notes.append(f"{model} is marked as a reverse model; its replies will read backwards")
+    if mmi.reverse_model is None:
+        return forward, None, notes
+    reverse = ConversationModel.from_pretrained(mmi.reverse_model, device=runtime.device)
+    if not reverse.meta.reverse:
+        notes.append(f"{mmi.reverse_model} is not marked as a reverse model (convcli.json)")
+    reranker = MMIReranker(
+        forward,
+        reverse,
+        num_candidates=mmi.num_candidates,
+        temperature=mmi.mmi_temperature,
+        argmax=mmi.mmi_argmax,
+        source=mmi.mmi_source,
+    )
+    return forward, reranker, notes
