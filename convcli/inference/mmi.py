@@ -143,8 +143,12 @@ def choose(
     *,
     temperature: float = DEFAULT_TEMPERATURE,
     argmax: bool = False,
+    generator: torch.Generator | None = None,
 ) -> int:
-    """Index drawn from softmax(score / T) over the non-empty candidates (or the argmax)."""
+    """Index drawn from softmax(score / T) over the non-empty candidates (or the argmax).
+
+    `generator`: draw with it instead of torch's global RNG (a server's per-request seed).
+    """
     import torch
 
     s = torch.tensor(scores, dtype=torch.float64)
@@ -153,7 +157,7 @@ def choose(
     if argmax:
         return int(torch.argmax(s))
     probs = torch.softmax(s / temperature, dim=0)
-    return int(torch.multinomial(probs, 1))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class MMIReranker:
