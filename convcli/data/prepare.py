@@ -1,6 +1,6 @@
 """The prepare pipeline: dialogue corpora in, a shard directory out.
 
-The main process only reads: `formats.Corpus.chunks` cuts the files into raw chunks of
+The main process only reads: `readers.Corpus.chunks` cuts the files into raw chunks of
 whole lines. Worker processes do the rest of the work per chunk (`Encoder`): parse and
 check the lines, split dialogues into train/valid by a hash of their turns, tokenize
 every turn in one batched call and lay the examples out with numpy (`examples.lay_out`). Results
@@ -29,8 +29,16 @@ import numpy as np
 
 from convcli import __version__
 from convcli.data.examples import Arrays, lay_out
-from convcli.data.formats import CHUNK_BYTES, BadRecord, Chunk, Corpus, Dialogue, parse_chunk
 from convcli.data.prepare_settings import PrepareSettings
+from convcli.data.readers import (
+    CHUNK_BYTES,
+    BadRecord,
+    Chunk,
+    Corpus,
+    Dialogue,
+    ReadOptions,
+    parse_chunk,
+)
 from convcli.data.shards import SPLITS, TOKENIZER_DIR, ShardWriter, ids_dtype, write_manifest
 from convcli.errors import ConvcliError, UsageError
 from convcli.modelfolder import refuse_to_replace_inputs, write_atomically
@@ -115,6 +123,11 @@ def _check(settings: PrepareSettings) -> None:
     refuse_to_replace_inputs(settings.output, settings.inputs)
 
 
+def read_options(settings: PrepareSettings) -> ReadOptions:
+    """The settings that say how to read records (they travel to the workers)."""
+    return ReadOptions()
+
+
 # -- splitting and windows ------------------------------------------------------------------
 
 
@@ -162,6 +175,7 @@ class Encoder:
         self.valid_fraction, self.dedupe = settings.valid_fraction, settings.dedupe
         self.sep = tokenizer.sep_token_id
         self.dtype = ids_dtype(len(tokenizer))
+        self.options = read_options(settings)
 
     def __call__(self, chunk: Chunk) -> Encoded:
         bad: list[BadRecord] = []
@@ -169,7 +183,7 @@ class Encoder:
         texts: list[str] = []  # every turn of every dialogue, for one batched tokenizer call
         turn_counts: list[int] = []
         unweighted: list[int] = []  # turns (indices into texts) of weight 0
-        for record in parse_chunk(chunk):
+        for record in parse_chunk(chunk, self.options):
             if isinstance(record, BadRecord):
                 bad.append(record)
                 continue
@@ -321,7 +335,7 @@ def _tokenizer(settings: PrepareSettings, progress: Progress) -> ConversationTok
         return ConversationTokenizer.from_pretrained(settings.tokenizer)
     from convcli.data.vocab import train_bpe_tokenizer
 
-    corpus = Corpus(settings.inputs, settings.format)
+    corpus = Corpus(settings.inputs, settings.format, read_options(settings))
     strict = settings.on_error == "strict"
 
     def texts() -> Iterator[str]:
@@ -349,7 +363,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
     writers = {
         s: ShardWriter(tmp, s, encoder.dtype, shard_tokens=settings.shard_tokens) for s in SPLITS
     }
-    corpus = Corpus(settings.inputs, settings.format)
+    corpus = Corpus(settings.inputs, settings.format, read_options(settings))
     strict = settings.on_error == "strict"
     tally = Tally()
     skipped = tally.skipped

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from convcli.data.readers.registry import FORMATS
+
+# The choices of `format`: one per reader in the registry (a new reader adds its own).
+FORMAT_CHOICES = ("auto", *FORMATS)
+
 
 @dataclass
 class PrepareSettings:
@@ -26,7 +31,7 @@ class PrepareSettings:
     vocab_size: int = 8000
     """Vocabulary size of the trained tokenizer (with `train_tokenizer`)."""
 
-    format: Literal["auto", "jsonl", "tsv", "text"] = "auto"
+    format: Literal[FORMAT_CHOICES] = "auto"  # type: ignore[valid-type]
     """Input format; auto detects it per file from the extension, else the first line."""
 
     max_length: int = 1024
