@@ -78,7 +78,8 @@ def test_streamed_reply(client):
     chunks = list(stream)
     assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
-    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices]
+    deltas = [d for d in deltas if d]
     assert len(deltas) > 1 and "".join(deltas) == "Hi, how are you?"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "stop" and finishes.count("stop") == 1
@@ -98,8 +99,7 @@ def test_system_message_is_kept_through_truncation(client, trained):
     persona = "My name is Tiny."
     history = ["Where do you live?", "I live in a small town.", "Is it nice?"] * 6
     messages = [{"role": "system", "content": persona}] + [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": t}
-        for i, t in enumerate(history)
+        {"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(history)
     ]
     # 96 new tokens leave 32 of the tiny model's 128 positions for the conversation.
     reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=96)
