@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from convcli.errors import ConvcliError, UsageError
-from convcli.inference.mmi import Candidate, choose, score_candidates
+from convcli.inference.mmi import Candidate, choose, distinct, score_candidates
 
 if TYPE_CHECKING:
     import torch
@@ -387,22 +387,26 @@ def _collect(
         return
     k = req.mmi.num_candidates
     source = [turn_ids[-1]] if reranker.source == "last" else list(reversed(turn_ids))
-    ids = [row.text.ids for row in mine]
-    scores = score_candidates(reranker.reverse, ids, [source] * len(ids))
-    for c in range(req.n):
+    # Identical candidates are scored once and listed once with their count, as in
+    # MMIReranker (the choice weighs them by it: the same distribution).
+    groups = [distinct([row.text.ids for row in mine[c * k : (c + 1) * k]]) for c in range(req.n)]
+    unique = [ids for ids, _ in groups for ids in ids]
+    scores = iter(score_candidates(reranker.reverse, unique, [source] * len(unique)))
+    for c, (ids_list, counts) in enumerate(groups):
         group = mine[c * k : (c + 1) * k]
-        cands = [
-            Candidate(row.text.final(), score, row.text.ids)
-            for row, score in zip(group, scores[c * k : (c + 1) * k], strict=True)
-        ]
+        cands = []
+        for ids, count in zip(ids_list, counts, strict=True):
+            row = next(r for r in group if r.text.ids == ids)
+            cands.append(Candidate(row.text.final(), next(scores), ids, count))
         chosen = choose(
             [x.score for x in cands],
             [bool(x.text) for x in cands],
+            [x.count for x in cands],
             temperature=req.mmi.temperature,
             argmax=req.mmi.argmax,
             generator=generator,
         )
-        row = group[chosen]
+        row = next(r for r in group if r.text.ids == cands[chosen].token_ids)
         choice = Choice(
             cands[chosen].text, row.finish or "length", len(row.text.ids), cands, chosen
         )

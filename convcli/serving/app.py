@@ -296,7 +296,7 @@ class _Reply:
             return {}
         return {
             "candidates": [
-                {"text": c.text, "score": round(c.score, 4), "chosen": i == choice.chosen}
+                {**c.to_dict(), "chosen": i == choice.chosen}
                 for i, c in enumerate(choice.candidates)
             ]
         }

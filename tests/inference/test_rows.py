@@ -101,11 +101,12 @@ def test_mmi_reranks_each_request_from_its_own_candidates(pair):
     plain = RowRequest(["Hello"], **GREEDY)
     got, other = generate_rows(forward, [mmi, plain], reranker)
     choice = got.choices[0]
-    assert len(choice.candidates) == 5
-    best = max(range(5), key=lambda i: choice.candidates[i].score if choice.candidates[i].text
-               else float("-inf"))  # fmt: skip
+    assert sum(c.count for c in choice.candidates) == 5
+    assert len({tuple(c.token_ids) for c in choice.candidates}) == len(choice.candidates)
+    scores = [c.score if c.text else float("-inf") for c in choice.candidates]
+    best = scores.index(max(scores))
     assert choice.chosen == best and choice.text == choice.candidates[best].text
-    assert got.completion_tokens == sum(len(c.token_ids) for c in choice.candidates)
+    assert got.completion_tokens == sum(len(c.token_ids) * c.count for c in choice.candidates)
     assert other.choices[0].text == "Hi, how are you?" and not other.choices[0].candidates
     again = generate_rows(forward, [mmi], reranker)[0].choices[0]
     assert [c.text for c in again.candidates] == [c.text for c in choice.candidates]
