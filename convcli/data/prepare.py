@@ -65,6 +65,8 @@ class PrepareResult:
     skipped: dict[str, int]
     truncated_turns: int
     splits: dict[str, dict[str, int]]
+    formats: dict[str, str] = field(default_factory=dict)  # each input: the format read
+    same_role_turns: int = 0  # turns after a turn of the same role (joined or kept apart)
     seconds: float = 0.0
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -125,7 +127,7 @@ def _check(settings: PrepareSettings) -> None:
 
 def read_options(settings: PrepareSettings) -> ReadOptions:
     """The settings that say how to read records (they travel to the workers)."""
-    return ReadOptions()
+    return ReadOptions(same_role=settings.same_role)
 
 
 # -- splitting and windows ------------------------------------------------------------------
@@ -160,6 +162,7 @@ class Encoded:
     too_long: np.ndarray  # bool: skipped for a turn over max_length
     truncated: np.ndarray  # turns of the dialogue truncated to max_length
     arrays: dict[str, Arrays]  # per split: the examples as flat arrays
+    same_role: int = 0  # turns that followed a turn of the same role (joined or kept apart)
 
     @property
     def dialogues(self) -> int:
@@ -183,6 +186,8 @@ class Encoder:
         texts: list[str] = []  # every turn of every dialogue, for one batched tokenizer call
         turn_counts: list[int] = []
         unweighted: list[int] = []  # turns (indices into texts) of weight 0
+        context: list[int] = []  # turns that are no reply: a dialogue's first, or by role
+        same_role = 0
         for record in parse_chunk(chunk, self.options):
             if isinstance(record, BadRecord):
                 bad.append(record)
@@ -190,11 +195,18 @@ class Encoder:
             keys.append(dialogue_key(record.turns))
             if record.weights is not None:
                 unweighted += [len(texts) + i for i, w in enumerate(record.weights) if w == 0]
+            if record.roles is None:
+                context.append(len(texts))
+            else:  # with roles known, the replies are the assistant's turns
+                context += [len(texts) + i for i, r in enumerate(record.roles) if r != "assistant"]
+            same_role += record.joined
             texts += record.turns
             turn_counts.append(len(record.turns))
         ids, lengths = self.tokenizer.encode_turns_flat(texts)
         weighted = np.ones(len(texts), dtype=bool)
         weighted[unweighted] = False
+        responses = np.ones(len(texts), dtype=bool)
+        responses[context] = False
         valid = np.array([is_valid(k, self.valid_fraction) for k in keys], dtype=bool)
         laid = lay_out(
             np.array(ids, dtype=self.dtype),
@@ -202,11 +214,12 @@ class Encoder:
             np.array(turn_counts, dtype=np.int64),
             weighted,
             valid,
+            responses=responses,
             sep=self.sep,
             max_length=self.max_length,
             skip_long=self.long_turn == "skip",
         )
-        return Encoded(bad, keys if self.dedupe else None, valid, *laid)
+        return Encoded(bad, keys if self.dedupe else None, valid, *laid, same_role=same_role)
 
 
 _WORKER: Encoder | None = None
@@ -370,6 +383,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
     seen: set[bytes] = set()  # dedupe: one key per distinct dialogue (inherent to exact dedupe)
     split_dialogues = dict.fromkeys(SPLITS, 0)
     truncated = 0
+    same_role = 0
 
     read_to: deque[int] = deque()  # input bytes read up to each chunk in flight
 
@@ -388,6 +402,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
                 skipped[record.reason] += 1
             if isinstance(result, Encoded):
                 truncated += _write(result, writers, seen, tally, split_dialogues)
+                same_role += result.same_role
             # Bytes done, not the bytes read ahead for the workers.
             progress("prepare", read_to.popleft(), corpus.total_bytes)
     progress("prepare", corpus.total_bytes, corpus.total_bytes)
@@ -441,6 +456,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
             "tokens": sum(s["tokens"] for s in splits.values()),
             "skipped": dict(sorted(skipped.items())),
             "truncated_turns": truncated,
+            "same_role_turns": same_role,
             "splits": splits,
             "settings": to_dict(settings),
         },
@@ -454,5 +470,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
         skipped=manifest["skipped"],
         truncated_turns=truncated,
         splits={s: {k: v for k, v in d.items() if k != "shards"} for s, d in splits.items()},
+        formats=dict(corpus.formats),
+        same_role_turns=same_role,
         manifest=manifest,
     )

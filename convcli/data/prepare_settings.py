@@ -34,6 +34,10 @@ class PrepareSettings:
     format: Literal[FORMAT_CHOICES] = "auto"  # type: ignore[valid-type]
     """Input format; auto detects it per file from the extension, else the first line."""
 
+    same_role: Literal["join", "split"] = "join"
+    """Two turns in a row of one role (chat messages, transcripts): join them into one turn
+    (with a newline between) or keep them as two turns. Counted either way."""
+
     max_length: int = 1024
     """Most tokens per example; longer dialogues become several examples by whole turns."""
 

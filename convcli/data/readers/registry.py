@@ -6,6 +6,8 @@ from pathlib import Path
 
 from convcli.data.readers.base import Head, Reader
 from convcli.data.readers.jsonl_turns import JsonlTurns
+from convcli.data.readers.messages import Messages
+from convcli.data.readers.sharegpt import ShareGpt
 from convcli.data.readers.text import Text
 from convcli.data.readers.tsv import Tsv
 
@@ -14,6 +16,8 @@ READERS: dict[str, Reader] = {
     r.name: r
     for r in (
         JsonlTurns(),
+        Messages(),
+        ShareGpt(),
         Tsv(),
         Text(),
     )
