@@ -172,8 +172,12 @@ def choose(
     *,
     temperature: float = DEFAULT_TEMPERATURE,
     argmax: bool = False,
+    generator: torch.Generator | None = None,
 ) -> int:
-    """Index drawn from `choice_probabilities` (or the best-scored non-empty candidate)."""
+    """Index drawn from `choice_probabilities` (or the best-scored non-empty candidate).
+
+    `generator`: draw with it instead of torch's global RNG (a server's per-request seed).
+    """
     import torch
 
     if argmax:
@@ -182,7 +186,7 @@ def choose(
             s = s.masked_fill(~torch.tensor(list(nonempty)), float("-inf"))
         return int(torch.argmax(s))
     probs = choice_probabilities(scores, nonempty, counts, temperature=temperature)
-    return int(torch.multinomial(probs, 1))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def distinct(rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
