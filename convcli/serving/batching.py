@@ -14,6 +14,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -55,6 +56,8 @@ class Batcher:
         """Batches decoded so far (tests and logs read it)."""
         self.largest = 0
         """Most requests answered by one batch."""
+        self.finished: Counter[str] = Counter()
+        """Replies by finish reason ("cancelled": a client left or timed out mid-reply)."""
         self._thread.start()
 
     def submit(self, request: RowRequest) -> Future[RowResult]:
@@ -107,6 +110,7 @@ class Batcher:
             self.batches += 1
             self.largest = max(self.largest, len(live))
             for job, result in zip(live, results, strict=True):
+                self.finished.update(c.finish_reason for c in result.choices)
                 job.future.set_result(result)
 
 

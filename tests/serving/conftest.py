@@ -15,6 +15,10 @@ pytest.importorskip("fastapi", reason="convcli serve needs the serve extra (fast
 pytest.importorskip("uvicorn", reason="convcli serve needs the serve extra (fastapi, uvicorn)")
 
 
+APPS: dict[str, object] = {}
+"""The app behind each running test server, by URL (to look at its batcher)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,9 +55,11 @@ def running(model: Path, reverse: Path | None = None, **serve: object) -> Iterat
         if time.monotonic() > deadline:
             raise RuntimeError("the test server did not become healthy")
         time.sleep(0.05)
+    APPS[url] = app
     try:
         yield url
     finally:
+        APPS.pop(url, None)
         server.should_exit = True
         thread.join(timeout=10)
 
