@@ -81,10 +81,12 @@ def prepare(settings: PrepareSettings, progress: Progress | None = None) -> Prep
             f"{output} already exists (pass `overwrite` to replace it)", param="overwrite"
         )
     started = time.perf_counter()
+    # Every input's format is found (or refused) before any work.
+    corpus = Corpus(settings.inputs, settings.format, read_options(settings))
     results: list[PrepareResult] = []
     write_atomically(
         output,
-        lambda tmp: results.append(_prepare_into(tmp, settings, progress or _no_progress)),
+        lambda tmp: results.append(_prepare_into(tmp, settings, corpus, progress or _no_progress)),
         overwrite=settings.overwrite,
     )
     result = results[0]
@@ -343,12 +345,13 @@ def _write(
     return int(result.truncated[keep].sum())
 
 
-def _tokenizer(settings: PrepareSettings, progress: Progress) -> ConversationTokenizer:
+def _tokenizer(
+    settings: PrepareSettings, corpus: Corpus, progress: Progress
+) -> ConversationTokenizer:
     if settings.tokenizer:
         return ConversationTokenizer.from_pretrained(settings.tokenizer)
     from convcli.data.vocab import train_bpe_tokenizer
 
-    corpus = Corpus(settings.inputs, settings.format, read_options(settings))
     strict = settings.on_error == "strict"
 
     def texts() -> Iterator[str]:
@@ -369,14 +372,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> PrepareResult:
-    tokenizer = _tokenizer(settings, progress)
+def _prepare_into(
+    tmp: Path, settings: PrepareSettings, corpus: Corpus, progress: Progress
+) -> PrepareResult:
+    tokenizer = _tokenizer(settings, corpus, progress)
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     encoder = Encoder(tokenizer, settings)
     writers = {
         s: ShardWriter(tmp, s, encoder.dtype, shard_tokens=settings.shard_tokens) for s in SPLITS
     }
-    corpus = Corpus(settings.inputs, settings.format, read_options(settings))
     strict = settings.on_error == "strict"
     tally = Tally()
     skipped = tally.skipped

@@ -189,3 +189,68 @@ def test_prepare_counts_same_role_turns_and_says_the_format(tmp_path, gpt2_run):
     manifest = Shards(result.output).manifest
     assert manifest["same_role_turns"] == 1
     assert manifest["sources"][0]["format"] == "messages"
+
+
+def test_speaker_transcripts_join_a_speakers_lines(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(
+        "A: Hello\nB: Hi there\nB: how are you?\nA: Fine.\n\nAnna: x\nBob: y\nAnna: z\n",
+        encoding="utf-8",
+    )
+    corpus = Corpus([str(path)])
+    assert corpus.formats == {str(path): "transcript"}
+    got = list(corpus)
+    assert [(d.turns, d.line, d.joined) for d in got] == [
+        (["Hello", "Hi there\nhow are you?", "Fine."], 1, 1),
+        (["x", "y", "z"], 6, 0),
+    ]
+    assert records(path, same_role="split")[0].turns == [
+        "Hello",
+        "Hi there",
+        "how are you?",
+        "Fine.",
+    ]
+
+
+def test_bad_transcript_lines_spoil_their_dialogue_only(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("A: hi\nB: yo\n\nA: hi\nno speaker here\n\nA: a\nB:\n\nA: a\nB: b\n")
+    got = records(path, format="transcript")
+    assert summary(got) == [
+        (["hi", "yo"], None, None, 1),
+        ("no-speaker", 5),
+        ("empty-turn", 8),
+        (["a", "b"], None, None, 10),
+    ]
+    assert str(got[1].error()) == f"{path}:5: expected `speaker: text`, found no speaker"
+    assert str(got[2].error()) == f"{path}:8: turn 2 (B) is empty"
+
+
+def test_plain_text_with_colons_stays_plain_text(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("Note: tea at 5\nOK\n\nTime: now\nDate: today\nPlace: here\nWho: me\n")
+    assert Corpus([str(path)]).formats == {str(path): "text"}
+
+
+def test_sniffing_reads_content_where_the_extension_says_nothing(tmp_path):
+    (tmp_path / "a.data").write_text(json.dumps(chat(("user", "a"), ("assistant", "b"))) + "\n")
+    (tmp_path / "b").write_text("A: one\nB: two\nA: three\nB: four\nA: five\n")
+    (tmp_path / "c.log").write_text("")
+    corpus = Corpus([str(tmp_path / n) for n in ("a.data", "b", "c.log")])
+    assert list(corpus.formats.values()) == ["messages", "transcript", "text"]
+    assert [getattr(r, "reason", None) for r in corpus] == [None, None, "empty-file"]
+
+
+def test_a_file_no_format_fits_is_refused_with_the_formats_and_the_way_out(tmp_path):
+    from convcli.errors import InputError
+
+    path = tmp_path / "config.yml"
+    path.write_text("name: demo\nlayers: 2\nwidth: 64\nseed: 1\nsteps: 10\n")
+    with pytest.raises(InputError) as caught:
+        Corpus([str(path)])
+    message = str(caught.value)
+    assert message.startswith(f"{path}: no known format fits its extension (.yml) nor its first")
+    assert "formats: jsonl (.jsonl .json .ndjson), messages (" in message
+    assert "Pass `format` text to read it as plain text" in message
+    assert caught.value.params == ("format",)
+    assert [d.turns for d in records(path, format="text")] == [path.read_text().splitlines()]

@@ -115,11 +115,17 @@ class Head:
 
     path: Path
     text: str  # up to `HEAD_BYTES`, decoded leniently (a bad byte is U+FFFD)
+    complete: bool = True  # `text` is the whole file
+
+    def whole_lines(self) -> list[str]:
+        """The lines of the head, less a last one that the head cuts short."""
+        text = self.text if self.complete else self.text[: self.text.rfind("\n") + 1]
+        return text.splitlines()
 
     def lines(self, count: int = 20) -> list[str]:
-        """The first `count` lines that are not blank (the last one may be cut short)."""
+        """The first `count` whole lines that are not blank."""
         found = []
-        for line in self.text.splitlines():
+        for line in self.whole_lines():
             if line.strip():
                 found.append(line)
                 if len(found) == count:

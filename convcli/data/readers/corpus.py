@@ -25,7 +25,8 @@ from convcli.data.readers.base import (
     ReadOptions,
     Record,
 )
-from convcli.data.readers.registry import READERS, detect_format
+from convcli.data.readers.registry import READERS, detect_format, unknown_format
+from convcli.errors import InputError
 
 DEFAULT_OPTIONS = ReadOptions()
 
@@ -78,7 +79,7 @@ def read_head(path: Path) -> Head:
                     data += piece
         except (OSError, EOFError):
             pass  # a corrupt .gz: its reader reports it where it breaks
-    return Head(path, data.decode("utf-8", "replace"))
+    return Head(path, data.decode("utf-8", "replace"), complete=len(data) < HEAD_BYTES)
 
 
 def input_bytes(path: Path) -> int:
@@ -112,7 +113,13 @@ class Corpus:
     def _format(self, path: Path) -> str:
         if self.format != "auto":
             return self.format
-        return detect_format(path, read_head(path)) or "text"
+        head = read_head(path)
+        found = detect_format(path, head)
+        if found:
+            return found
+        if not head.text.strip():  # nothing to tell by: the text reader counts it as empty
+            return "text"
+        raise InputError(unknown_format(path), path=str(path), param="format")
 
     @property
     def bytes_read(self) -> int:
@@ -130,6 +137,7 @@ class Corpus:
     def chunks(self, size: int = CHUNK_BYTES) -> Iterator[Chunk | BadRecord]:
         """The inputs as chunks of about `size` bytes, in order, with a `BadRecord` for
         each missing, empty or unreadable file where its records would be."""
+        self._done_bytes = 0  # a corpus may be read twice (a tokenizer is trained first)
         for pattern in self.missing:
             what = "no file matches" if glob.has_magic(pattern) else REASONS["missing-file"]
             if Path(pattern).is_dir():

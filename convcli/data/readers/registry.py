@@ -9,6 +9,7 @@ from convcli.data.readers.jsonl_turns import JsonlTurns
 from convcli.data.readers.messages import Messages
 from convcli.data.readers.sharegpt import ShareGpt
 from convcli.data.readers.text import Text
+from convcli.data.readers.transcript import Transcript
 from convcli.data.readers.tsv import Tsv
 
 # In order of preference where two readers are equally sure.
@@ -20,6 +21,7 @@ READERS: dict[str, Reader] = {
         ShareGpt(),
         Tsv(),
         Text(),
+        Transcript(),
     )
 }
 FORMATS = tuple(READERS)
@@ -46,3 +48,16 @@ def detect_format(path: Path, head: Head | str = "") -> str | None:
     scores = {r.name: r.sniff(head) for r in READERS.values()}
     best = max(scores, key=lambda name: scores[name])
     return best if scores[best] > 0 else None
+
+
+def unknown_format(path: Path) -> str:
+    """Why an input is refused when no format fits it, and what to do."""
+    ext = suffix(path)
+    what = f"its extension ({ext}) nor its first lines" if ext else "its first lines"
+    listed = ", ".join(
+        f"{r.name} ({' '.join(r.extensions)})" if r.extensions else r.name for r in READERS.values()
+    )
+    return (
+        f"no known format fits {what}; formats: {listed}. "
+        "Pass `format` text to read it as plain text (one turn per line)"
+    )

@@ -36,7 +36,7 @@ class Tsv(LineReader):
 
     def sniff(self, head: Head) -> int:
         lines = head.lines(5)
-        return 2 if lines and all(line.count("\t") == 1 for line in lines[:-1] or lines) else 0
+        return 2 if lines and all(line.count("\t") == 1 for line in lines) else 0
 
     def file_state(self, data: bytes, line: int, source: str) -> bool | None:
         """Whether the first good line of `data` (if any) has a weight on every turn."""
