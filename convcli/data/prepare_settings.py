@@ -38,6 +38,14 @@ class PrepareSettings:
     """Two turns in a row of one role (chat messages, transcripts): join them into one turn
     (with a newline between) or keep them as two turns. Counted either way."""
 
+    tree_paths: Literal["leaves", "all"] = "leaves"
+    """Reply trees (ConvoKit): a dialogue per root-to-leaf path, or per node (its path from
+    the root, as DialoGPT trains on)."""
+
+    max_depth: int | None = None
+    """Reply trees: drop replies deeper than this many turns (none: keep all). Bounds the
+    turns a deep thread makes."""
+
     max_length: int = 1024
     """Most tokens per example; longer dialogues become several examples by whole turns."""
 

@@ -10,6 +10,7 @@ from convcli.data.readers.messages import Messages
 from convcli.data.readers.sharegpt import ShareGpt
 from convcli.data.readers.text import Text
 from convcli.data.readers.transcript import Transcript
+from convcli.data.readers.trees import ReplyTrees
 from convcli.data.readers.tsv import Tsv
 
 # In order of preference where two readers are equally sure.
@@ -19,6 +20,7 @@ READERS: dict[str, Reader] = {
         JsonlTurns(),
         Messages(),
         ShareGpt(),
+        ReplyTrees(),
         Tsv(),
         Text(),
         Transcript(),
