@@ -134,6 +134,8 @@ def _check(settings: PrepareSettings) -> None:
 def read_options(settings: PrepareSettings) -> ReadOptions:
     """The settings that say how to read records (they travel to the workers)."""
     return ReadOptions(
+        field=settings.field,
+        split=settings.split,
         same_role=settings.same_role,
         tree_paths=settings.tree_paths,
         max_depth=settings.max_depth,

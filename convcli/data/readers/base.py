@@ -151,6 +151,9 @@ class Reader:
         """How sure the start of a file says it is this format: 0 (no idea) to 3 (sure)."""
         return 0
 
+    def check(self) -> None:
+        """Raise a `ConvcliError` saying what to install if this reader cannot work here."""
+
     def claims(self, folder: Path) -> bool:
         """Whether a folder is one input of this format (only with `directories`)."""
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from convcli.data.readers.arrow import Arrow, DatasetFolder, Parquet
 from convcli.data.readers.base import Head, Reader
 from convcli.data.readers.jsonl_turns import JsonlTurns
 from convcli.data.readers.messages import Messages
@@ -24,6 +25,9 @@ READERS: dict[str, Reader] = {
         Tsv(),
         Text(),
         Transcript(),
+        Parquet(),
+        Arrow(),
+        DatasetFolder(),
     )
 }
 FORMATS = tuple(READERS)
