@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_cli
-from tests.serving.conftest import free_port
+from tests.serving.server import free_port
 
 
 def test_print_config_has_the_serve_settings(tmp_path):
