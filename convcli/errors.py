@@ -30,10 +30,17 @@ class UsageError(ConvcliError):
 class InputError(ConvcliError):
     """A malformed input file: the message starts with `file:line:` where known."""
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | str | None = None,
+        param: str | tuple[str, ...] | None = None,
+    ):
         self.path, self.line, self.reason = path, line, message
         where = f"{path}:{line}: " if path and line else (f"{path}: " if path else "")
-        super().__init__(f"{where}{message}")
+        super().__init__(f"{where}{message}", param=param)
 
 
 def first_line(exc: BaseException) -> str:

@@ -1,6 +1,6 @@
 """The prepare pipeline: dialogue corpora in, a shard directory out.
 
-The main process only reads: `formats.Corpus.chunks` cuts the files into raw chunks of
+The main process only reads: `readers.Corpus.chunks` cuts the files into raw chunks of
 whole lines. Worker processes do the rest of the work per chunk (`Encoder`): parse and
 check the lines, split dialogues into train/valid by a hash of their turns, tokenize
 every turn in one batched call and lay the examples out with numpy (`examples.lay_out`). Results
@@ -29,8 +29,16 @@ import numpy as np
 
 from convcli import __version__
 from convcli.data.examples import Arrays, lay_out
-from convcli.data.formats import CHUNK_BYTES, BadRecord, Chunk, Corpus, Dialogue, parse_chunk
 from convcli.data.prepare_settings import PrepareSettings
+from convcli.data.readers import (
+    CHUNK_BYTES,
+    BadRecord,
+    Chunk,
+    Corpus,
+    Dialogue,
+    ReadOptions,
+    parse_chunk,
+)
 from convcli.data.shards import SPLITS, TOKENIZER_DIR, ShardWriter, ids_dtype, write_manifest
 from convcli.errors import ConvcliError, UsageError
 from convcli.outputs import (
@@ -63,6 +71,8 @@ class PrepareResult:
     skipped: dict[str, int]
     truncated_turns: int
     splits: dict[str, dict[str, int]]
+    formats: dict[str, str] = field(default_factory=dict)  # each input: the format read
+    same_role_turns: int = 0  # turns after a turn of the same role (joined or kept apart)
     seconds: float = 0.0
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -73,13 +83,17 @@ def prepare(settings: PrepareSettings, progress: Progress | None = None) -> Prep
     assert settings.output is not None
     output = Path(settings.output)
     started = time.perf_counter()
+    # Every input's format is found (or refused) before any work.
+    corpus = Corpus(settings.inputs, settings.format, read_options(settings))
     results: list[PrepareResult] = []
     with hold_output(output):  # for the whole run: a second prepare here fails at once
         recover_leftovers(output)
         check_output(output, "prepare", overwrite=settings.overwrite, inputs=settings.inputs)
         write_atomically(
             output,
-            lambda tmp: results.append(_prepare_into(tmp, settings, progress or _no_progress)),
+            lambda tmp: results.append(
+                _prepare_into(tmp, settings, corpus, progress or _no_progress)
+            ),
             overwrite=settings.overwrite,
             command="prepare",
         )
@@ -121,6 +135,11 @@ def _check(settings: PrepareSettings) -> None:
     refuse_to_replace_inputs(settings.output, settings.inputs)
 
 
+def read_options(settings: PrepareSettings) -> ReadOptions:
+    """The settings that say how to read records (they travel to the workers)."""
+    return ReadOptions(same_role=settings.same_role)
+
+
 # -- splitting and windows ------------------------------------------------------------------
 
 
@@ -153,6 +172,7 @@ class Encoded:
     too_long: np.ndarray  # bool: skipped for a turn over max_length
     truncated: np.ndarray  # turns of the dialogue truncated to max_length
     arrays: dict[str, Arrays]  # per split: the examples as flat arrays
+    same_role: int = 0  # turns that followed a turn of the same role (joined or kept apart)
 
     @property
     def dialogues(self) -> int:
@@ -168,6 +188,7 @@ class Encoder:
         self.valid_fraction, self.dedupe = settings.valid_fraction, settings.dedupe
         self.sep = tokenizer.sep_token_id
         self.dtype = ids_dtype(len(tokenizer))
+        self.options = read_options(settings)
 
     def __call__(self, chunk: Chunk) -> Encoded:
         bad: list[BadRecord] = []
@@ -175,18 +196,27 @@ class Encoder:
         texts: list[str] = []  # every turn of every dialogue, for one batched tokenizer call
         turn_counts: list[int] = []
         unweighted: list[int] = []  # turns (indices into texts) of weight 0
-        for record in parse_chunk(chunk):
+        context: list[int] = []  # turns that are no reply: a dialogue's first, or by role
+        same_role = 0
+        for record in parse_chunk(chunk, self.options):
             if isinstance(record, BadRecord):
                 bad.append(record)
                 continue
             keys.append(dialogue_key(record.turns))
             if record.weights is not None:
                 unweighted += [len(texts) + i for i, w in enumerate(record.weights) if w == 0]
+            if record.roles is None:
+                context.append(len(texts))
+            else:  # with roles known, the replies are the assistant's turns
+                context += [len(texts) + i for i, r in enumerate(record.roles) if r != "assistant"]
+            same_role += record.joined
             texts += record.turns
             turn_counts.append(len(record.turns))
         ids, lengths = self.tokenizer.encode_turns_flat(texts)
         weighted = np.ones(len(texts), dtype=bool)
         weighted[unweighted] = False
+        responses = np.ones(len(texts), dtype=bool)
+        responses[context] = False
         valid = np.array([is_valid(k, self.valid_fraction) for k in keys], dtype=bool)
         laid = lay_out(
             np.array(ids, dtype=self.dtype),
@@ -194,11 +224,12 @@ class Encoder:
             np.array(turn_counts, dtype=np.int64),
             weighted,
             valid,
+            responses=responses,
             sep=self.sep,
             max_length=self.max_length,
             skip_long=self.long_turn == "skip",
         )
-        return Encoded(bad, keys if self.dedupe else None, valid, *laid)
+        return Encoded(bad, keys if self.dedupe else None, valid, *laid, same_role=same_role)
 
 
 _WORKER: Encoder | None = None
@@ -322,12 +353,13 @@ def _write(
     return int(result.truncated[keep].sum())
 
 
-def _tokenizer(settings: PrepareSettings, progress: Progress) -> ConversationTokenizer:
+def _tokenizer(
+    settings: PrepareSettings, corpus: Corpus, progress: Progress
+) -> ConversationTokenizer:
     if settings.tokenizer:
         return ConversationTokenizer.from_pretrained(settings.tokenizer)
     from convcli.data.vocab import train_bpe_tokenizer
 
-    corpus = Corpus(settings.inputs, settings.format)
     strict = settings.on_error == "strict"
 
     def texts() -> Iterator[str]:
@@ -348,20 +380,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> PrepareResult:
-    tokenizer = _tokenizer(settings, progress)
+def _prepare_into(
+    tmp: Path, settings: PrepareSettings, corpus: Corpus, progress: Progress
+) -> PrepareResult:
+    tokenizer = _tokenizer(settings, corpus, progress)
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     encoder = Encoder(tokenizer, settings)
     writers = {
         s: ShardWriter(tmp, s, encoder.dtype, shard_tokens=settings.shard_tokens) for s in SPLITS
     }
-    corpus = Corpus(settings.inputs, settings.format)
     strict = settings.on_error == "strict"
     tally = Tally()
     skipped = tally.skipped
     seen: set[bytes] = set()  # dedupe: one key per distinct dialogue (inherent to exact dedupe)
     split_dialogues = dict.fromkeys(SPLITS, 0)
     truncated = 0
+    same_role = 0
 
     read_to: deque[int] = deque()  # input bytes read up to each chunk in flight
 
@@ -380,6 +414,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
                 skipped[record.reason] += 1
             if isinstance(result, Encoded):
                 truncated += _write(result, writers, seen, tally, split_dialogues)
+                same_role += result.same_role
             # Bytes done, not the bytes read ahead for the workers.
             progress("prepare", read_to.popleft(), corpus.total_bytes)
     progress("prepare", corpus.total_bytes, corpus.total_bytes)
@@ -433,6 +468,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
             "tokens": sum(s["tokens"] for s in splits.values()),
             "skipped": dict(sorted(skipped.items())),
             "truncated_turns": truncated,
+            "same_role_turns": same_role,
             "splits": splits,
             "settings": to_dict(settings),
         },
@@ -446,5 +482,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
         skipped=manifest["skipped"],
         truncated_turns=truncated,
         splits={s: {k: v for k, v in d.items() if k != "shards"} for s, d in splits.items()},
+        formats=dict(corpus.formats),
+        same_role_turns=same_role,
         manifest=manifest,
     )

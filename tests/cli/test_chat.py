@@ -35,7 +35,9 @@ def test_piped_chat_with_commands_writes_the_transcript(trained, tmp_path):
     # stdout holds the replies, one per line, and nothing else.
     assert replies == [t["bot"] for t in turns]
     assert replies[0] == "Hi, how are you?"
-    assert all(len(t["candidates"]) == 4 for t in turns)
+    # Four samples each, identical ones listed once with their count.
+    assert all(sum(c["count"] for c in t["candidates"]) == 4 for t in turns)
+    assert all(len({c["text"] for c in t["candidates"]}) == len(t["candidates"]) for t in turns)
     # /candidates listed the first turn's candidates (on stderr).
     assert "candidates (MMI score" in result.stderr
     assert turns[0]["candidates"][0]["text"] in result.stderr

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from convcli.cli.app import app
 from tests.conftest import run_cli, tiny_gpt2
-from tests.test_convert import Payload, dialogpt_state, save
+from tests.conversion.test_convert import Payload, dialogpt_state, save
 
 runner = CliRunner()
 

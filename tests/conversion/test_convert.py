@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convcli.convert import convert_checkpoint
+from convcli.conversion.convert import convert_checkpoint
 from convcli.errors import ConvcliError, UsageError
 from convcli.modelfolder import load_model_folder
 from convcli.outputs import MARKER, write_marker
@@ -373,7 +373,7 @@ def test_an_existing_output_needs_overwrite(model, tmp_path, tiny_tokenizer_dir)
 def test_a_verification_mismatch_leaves_the_old_folder_alone(
     model, tmp_path, tiny_tokenizer_dir, monkeypatch
 ):
-    import convcli.convert as convert_module
+    import convcli.conversion.convert as convert_module
 
     real_save = convert_module.save_model_folder
 
