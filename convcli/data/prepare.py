@@ -39,6 +39,7 @@ from convcli.data.readers import (
     ReadOptions,
     parse_chunk,
 )
+from convcli.data.readers.corpus import input_bytes
 from convcli.data.shards import SPLITS, TOKENIZER_DIR, ShardWriter, ids_dtype, write_manifest
 from convcli.errors import ConvcliError, UsageError
 from convcli.outputs import (
@@ -127,6 +128,9 @@ def _check(settings: PrepareSettings) -> None:
     if not 0.0 <= settings.valid_fraction < 1.0:
         raise UsageError(f"`valid_fraction`: {settings.valid_fraction} is not in [0, 1)",
                          param="valid_fraction")  # fmt: skip
+    if settings.max_depth is not None and settings.max_depth < 2:
+        raise UsageError(f"`max_depth`: {settings.max_depth} cannot hold two turns (min 2)",
+                         param="max_depth")  # fmt: skip
     if settings.workers < 1:
         raise UsageError(f"`workers`: {settings.workers} must be at least 1", param="workers")
     if settings.shard_tokens < 1:
@@ -137,7 +141,13 @@ def _check(settings: PrepareSettings) -> None:
 
 def read_options(settings: PrepareSettings) -> ReadOptions:
     """The settings that say how to read records (they travel to the workers)."""
-    return ReadOptions(same_role=settings.same_role)
+    return ReadOptions(
+        field=settings.field,
+        split=settings.split,
+        same_role=settings.same_role,
+        tree_paths=settings.tree_paths,
+        max_depth=settings.max_depth,
+    )
 
 
 # -- splitting and windows ------------------------------------------------------------------
@@ -373,7 +383,12 @@ def _tokenizer(
 
 
 def _sha256(path: Path) -> str:
+    """A file's SHA-256; a folder's: of its files' relative paths and SHA-256s, sorted."""
     digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{_sha256(file)}\n".encode())
+        return digest.hexdigest()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
@@ -457,7 +472,7 @@ def _prepare_into(
                 {
                     "path": str(path),
                     "format": corpus.formats.get(str(path), settings.format),
-                    "bytes": path.stat().st_size,
+                    "bytes": input_bytes(path),
                     "sha256": _sha256(path),
                 }
                 for path in corpus.files

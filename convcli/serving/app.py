@@ -142,7 +142,8 @@ def create_app(
             status = {"status": "error", "error": state.error} if state.error else {
                 "status": "loading"}  # fmt: skip
             return JSONResponse(status, status_code=503)
-        return JSONResponse({"status": "ok", "model": state.name})
+        mmi = state.batcher.reranker is not None
+        return JSONResponse({"status": "ok", "model": state.name, "mmi": mmi})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -43,7 +43,7 @@ def test_n_replies(client):
     assert len({c.message.content for c in reply.choices}) > 1
 
 
-def test_a_seed_gives_the_same_reply_under_concurrent_load(client):
+def test_a_seed_gives_the_same_reply_under_concurrent_load(client, plain_url):
     def ask(seed: int) -> str:
         reply = client.chat.completions.create(
             model="tiny", messages=HELLO, temperature=2.0, seed=seed, max_tokens=12
@@ -55,6 +55,9 @@ def test_a_seed_gives_the_same_reply_under_concurrent_load(client):
         crowd = list(pool.map(ask, [7, 1, 7, 2, 3, 7, 4, 7]))
     assert [crowd[i] for i in (0, 2, 5, 7)] == [alone] * 4
     assert len(set(crowd)) > 1  # the other seeds really sampled something else
+    from tests.serving.server import APPS
+
+    assert APPS[plain_url].state.convcli.batcher.largest > 1  # they shared batches
 
 
 def test_stop_is_left_out_and_length_is_reported(client):

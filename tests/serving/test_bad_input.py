@@ -89,7 +89,7 @@ def test_unknown_route_and_method_are_error_objects(plain_url):
 def test_api_key_is_required(trained):
     import openai
 
-    from tests.serving.conftest import running
+    from tests.serving.server import running
 
     with running(trained[0], api_key="s3cret") as url:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -111,7 +111,7 @@ def test_a_client_leaving_mid_stream_stops_its_decoding(tiny_model_dir):
     (each slowed to 20 ms here, so that the client's leaving lands mid-reply)."""
     import time
 
-    from tests.serving.conftest import running
+    from tests.serving.server import running
 
     with running(tiny_model_dir) as url:
         model = _state(url).batcher.model.model
@@ -141,8 +141,33 @@ def test_a_client_leaving_mid_stream_stops_its_decoding(tiny_model_dir):
         assert post(url, {**GOOD, "max_tokens": 3}).status_code == 200
 
 
+def test_a_request_over_the_timeout_is_504_and_stops_decoding(tiny_model_dir):
+    import time
+
+    from tests.serving.server import running
+
+    with running(tiny_model_dir, request_timeout=0.5) as url:
+        model = _state(url).batcher.model.model
+
+        def slow(*args, forward=model.forward, **kwargs):
+            time.sleep(0.05)
+            return forward(*args, **kwargs)
+
+        model.forward = slow
+        started = time.monotonic()
+        reply = post(url, {**GOOD, "max_tokens": 90, "temperature": 1.0, "top_k": 0})
+        assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - started < 3
+        batcher = _state(url).batcher
+        while not batcher.finished and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        assert batcher.finished == {"cancelled": 1}  # not its 90 steps (4.5 s)
+        del model.forward
+        assert post(url, {**GOOD, "max_tokens": 3}).status_code == 200
+
+
 def _state(url: str):
     """The app state of the in-process server at `url` (tests only)."""
-    from tests.serving.conftest import APPS
+    from tests.serving.server import APPS
 
     return APPS[url].state.convcli

@@ -107,6 +107,8 @@ class Corpus:
         self.files, self.missing = expand_inputs(inputs, folder)
         self.total_bytes = sum(input_bytes(f) for f in self.files)
         self.formats: dict[str, str] = {str(f): self._format(f) for f in self.files}
+        for name in set(self.formats.values()):
+            READERS[name].check()  # a missing extra: one line saying what to install
         self._done_bytes = 0
         self._handle: BinaryIO | None = None
 

@@ -216,6 +216,7 @@ def role_turns(
     line: int,
     options: ReadOptions,
     system: Any = None,
+    unit: str = "line",
 ) -> Record:
     """A dialogue of role-tagged messages (`[{role_key: ..., text_key: ...}]` under `key`).
 
@@ -225,7 +226,7 @@ def role_turns(
     """
 
     def bad(reason: str, message: str) -> BadRecord:
-        return BadRecord(reason, message, source, line)
+        return BadRecord(reason, message, source, line, unit)
 
     if not isinstance(messages, list) or not messages:
         return bad("not-turns", f'expected an object with a non-empty "{key}" array')
@@ -263,4 +264,4 @@ def role_turns(
         turns.append(text.strip())
         kinds.append(role)
         weights.append(weight)
-    return check_turns(turns, weights, source, line, kinds, same)
+    return check_turns(turns, weights, source, line, kinds, same, unit, options.min_turns)

@@ -31,6 +31,11 @@ class LineReader(Reader):
 
     blocks: ClassVar[bool] = False  # a record spans lines up to a blank line
 
+    def cut_at(self, data: bytearray, end: int, searched: int) -> int:
+        """Where a chunk may end in `data[:end]` (whole lines; 0: nowhere yet) so that no
+        record spans two chunks. `data[:searched]` is known to hold no such place."""
+        return _after_last_blank_line(data, end, searched) if self.blocks else end
+
     def file_state(self, data: bytes, line: int, source: str) -> Any:
         """What the first lines of a file (`data`, starting at `line`) tell about all of
         it (None: not known yet; called again with the next lines)."""
@@ -56,7 +61,7 @@ class LineReader(Reader):
         seen_text = False  # a line that is not blank (or not decodable) was read
         line = 1  # the number of the first line in `pending`
         pending = bytearray()  # read, not yet in a chunk
-        searched = 0  # blocks: `pending[:searched]` has no blank line to cut after
+        searched = 0  # `pending[:searched]` has no place to cut (see `cut_at`)
         error: BadRecord | None = None
         while True:
             try:
@@ -77,8 +82,8 @@ class LineReader(Reader):
             if state is None and seen_text:
                 state = self.file_state(bytes(pending[:whole]), line, source)
             cut = whole
-            if self.blocks and piece:  # keep records whole: cut after a blank line
-                cut = _after_last_blank_line(pending, whole, searched)
+            if piece:  # keep records whole (text: cut after a blank line)
+                cut = self.cut_at(pending, whole, searched)
                 searched = whole - cut
             if cut or error:
                 lines = pending.count(b"\n", 0, cut)

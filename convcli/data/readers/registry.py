@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from convcli.data.readers.arrow import Arrow, DatasetFolder, Parquet
 from convcli.data.readers.base import Head, Reader
 from convcli.data.readers.jsonl_turns import JsonlTurns
 from convcli.data.readers.messages import Messages
 from convcli.data.readers.sharegpt import ShareGpt
 from convcli.data.readers.text import Text
 from convcli.data.readers.transcript import Transcript
+from convcli.data.readers.trees import ReplyTrees
 from convcli.data.readers.tsv import Tsv
 
 # In order of preference where two readers are equally sure.
@@ -19,9 +21,13 @@ READERS: dict[str, Reader] = {
         JsonlTurns(),
         Messages(),
         ShareGpt(),
+        ReplyTrees(),
         Tsv(),
         Text(),
         Transcript(),
+        Parquet(),
+        Arrow(),
+        DatasetFolder(),
     )
 }
 FORMATS = tuple(READERS)
