@@ -73,7 +73,7 @@ def child(job: str, checkpoint: Path, out: Path, tokenizer: str) -> None:
     import transformers  # noqa: F401  (both jobs pay for the same imports)
     from safetensors.torch import save_file
 
-    from convcli.convert import convert_checkpoint
+    from convcli.conversion.convert import convert_checkpoint
 
     # Count only the job: reset the peak (VmHWM) after the imports where Linux allows it.
     peak_reset = _reset_peak()

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convcli import __version__
-from convcli.errors import ConvcliError, UsageError, first_line
+from convcli.errors import ConvcliError, first_line
+from convcli.outputs import write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -223,47 +221,3 @@ def save_model_folder(
             (tmp / name).write_text(text, encoding="utf-8")
 
     return write_atomically(output, write, overwrite=overwrite)
-
-
-def refuse_to_replace_inputs(output: str | Path, inputs: Sequence[str | Path]) -> None:
-    """An output folder that is, or contains, one of the inputs would destroy it."""
-    out = Path(output).expanduser().resolve()
-    for item in inputs:
-        source = Path(item).expanduser().resolve()
-        if out == source or out in source.parents:
-            raise UsageError(f"`output` {output} would replace the input {item}", param="output")
-
-
-def write_atomically(
-    output: str | Path, write: Callable[[Path], None], *, overwrite: bool = False
-) -> Path:
-    """Build a directory in a temporary sibling and move it into place when complete.
-
-    A crash leaves only a hidden `.NAME.tmp-*` sibling, never a half-written `output`.
-    """
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise ConvcliError(
-            f"{output} already exists (pass `overwrite` to replace it)", param="overwrite"
-        )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        write(tmp)
-        for file in tmp.rglob("*"):  # some writers (safetensors via tempfile) make 0600 files
-            if file.is_file():
-                file.chmod(0o666 & ~umask)
-        if output.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            output.rename(trash / output.name)
-            tmp.rename(output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output

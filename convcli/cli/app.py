@@ -14,6 +14,7 @@ from convcli.cli.demo import demo
 from convcli.cli.eval import evaluate
 from convcli.cli.generate import generate
 from convcli.cli.prepare import prepare
+from convcli.cli.serve import serve
 from convcli.cli.train import train
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ COMMANDS = {
     "chat": chat,
     "eval": evaluate,
     "demo": demo,
+    "serve": serve,
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(friendly_errors(_command))

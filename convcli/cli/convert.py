@@ -1,4 +1,4 @@
-"""`convcli convert`: a thin face on `convcli.convert.convert_checkpoint`."""
+"""`convcli convert`: a thin face on `convcli.conversion.convert.convert_checkpoint`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def convert(settings: ConvertSettings) -> None:
     Example: convcli convert medium_ft.pkl -o dialogpt-medium \\
                  --tokenizer gpt2-vocab/
     """
-    from convcli.convert import convert_checkpoint
+    from convcli.conversion.convert import convert_checkpoint
     from convcli.settings import to_yaml
 
     s = settings

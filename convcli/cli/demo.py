@@ -38,8 +38,8 @@ def demo(
     prints the convcli command that does the same, and a rerun reuses finished
     steps (use --fresh to start over).
 
-    [b]Example[/b]
-
+    \b
+    Example:
       convcli demo --output runs/demo
     """
     from convcli.apps.demo import run_demo

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from convcli.cli.common import StageBars, info
 from convcli.cli.options import settings_options
 from convcli.data.prepare_settings import PrepareSettings
@@ -32,9 +34,14 @@ def prepare(settings: PrepareSettings) -> None:
     reasons = ", ".join(f"{n} {reason}" for reason, n in result.skipped.items())
     split = ", ".join(f"{s} {d['examples']}" for s, d in result.splits.items())
     truncated = f", {result.truncated_turns} turns truncated" if result.truncated_turns else ""
+    if result.same_role_turns:
+        how = "joined" if settings.same_role == "join" else "kept apart"
+        truncated += f", {result.same_role_turns} same-role turns {how}"
+    read_as = Counter(result.formats.values())
+    formats = ", ".join(f"{n} {f}" if len(result.formats) > 1 else f for f, n in read_as.items())
     info(
         f"prepared {result.output}: {result.dialogues_read} dialogues read, "
         f"{result.dialogues_written} written, {skipped} skipped{f' ({reasons})' if reasons else ''}"
         f"{truncated}; {result.examples} examples ({split}), {result.tokens} tokens "
-        f"in {result.seconds:.1f}s"
+        f"in {result.seconds:.1f}s; read as {formats}"
     )

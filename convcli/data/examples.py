@@ -53,6 +53,7 @@ def lay_out(
     weighted: np.ndarray,
     valid: np.ndarray,
     *,
+    responses: np.ndarray | None = None,
     sep: int,
     max_length: int,
     skip_long: bool,
@@ -61,7 +62,8 @@ def lay_out(
 
     `ids` are the token ids of all turns of all dialogues, one after the other, and
     `turn_lengths` the tokens of each turn; `turn_counts` the turns of each dialogue,
-    `weighted` per turn (it has a non-zero weight), `valid` per dialogue. Each example
+    `weighted` per turn (it has a non-zero weight), `valid` per dialogue, `responses` per
+    turn (it is a reply; default: every turn but a dialogue's first). Each example
     is exactly `convcli.tokenizer.layout` of its turns; the loss flags of a window of a
     long dialogue mark only the turns no earlier window trained (see `sliding_windows`).
 
@@ -75,6 +77,9 @@ def lay_out(
         return nothing, nothing.astype(bool), nothing, dict.fromkeys(SPLITS, empty)
     offsets = np.cumsum(turn_lengths) - turn_lengths  # where each turn starts in `ids`
     first = np.cumsum(turn_counts) - turn_counts  # each dialogue's first turn
+    if responses is None:
+        responses = np.ones(len(turn_lengths), dtype=bool)
+        responses[first] = False
     limit = max_length - 2  # a turn alone: sep, tokens, sep
     over = turn_lengths > limit
     if skip_long:
@@ -110,8 +115,8 @@ def lay_out(
     for split in SPLITS:
         take = valid[owner] == (split == "valid")
         arrays[split] = _examples(
-            start[take], stop[take], new[take], first[owner[take]],
-            ids, offsets, lengths, weighted, sep,
+            start[take], stop[take], new[take],
+            ids, offsets, lengths, weighted, responses, sep,
         )  # fmt: skip
     return examples, too_long, truncated, arrays
 
@@ -120,11 +125,11 @@ def _examples(
     start: np.ndarray,
     stop: np.ndarray,
     new: np.ndarray,
-    dialogue_first: np.ndarray,
     flat: np.ndarray,
     offsets: np.ndarray,
     lengths: np.ndarray,
     weighted: np.ndarray,
+    responses: np.ndarray,
     sep: int,
 ) -> Arrays:
     """The flat arrays of examples given as turn ranges [start, stop) (see `lay_out`).
@@ -140,9 +145,7 @@ def _examples(
     pos = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(begins, n)  # turn in example
     turn = np.repeat(start, n) + pos  # global turn index
     size = lengths[turn]
-    flags = np.where(weighted[turn], LOSS_WEIGHTED, 0) | np.where(
-        turn > np.repeat(dialogue_first, n), LOSS_RESPONSE, 0
-    )
+    flags = np.where(weighted[turn], LOSS_WEIGHTED, 0) | np.where(responses[turn], LOSS_RESPONSE, 0)
     flags[turn < np.repeat(new, n)] = 0  # trained in an earlier window: context here
     types = np.repeat(np.insert(pos % 2, ends, n % 2), np.insert(size + 1, ends, 1))
     mask = np.repeat(np.insert(flags, begins, 0), np.insert(size + 1, begins, 1))

@@ -1,6 +1,6 @@
 """The prepare pipeline: dialogue corpora in, a shard directory out.
 
-The main process only reads: `formats.Corpus.chunks` cuts the files into raw chunks of
+The main process only reads: `readers.Corpus.chunks` cuts the files into raw chunks of
 whole lines. Worker processes do the rest of the work per chunk (`Encoder`): parse and
 check the lines, split dialogues into train/valid by a hash of their turns, tokenize
 every turn in one batched call and lay the examples out with numpy (`examples.lay_out`). Results
@@ -29,11 +29,26 @@ import numpy as np
 
 from convcli import __version__
 from convcli.data.examples import Arrays, lay_out
-from convcli.data.formats import CHUNK_BYTES, BadRecord, Chunk, Corpus, Dialogue, parse_chunk
 from convcli.data.prepare_settings import PrepareSettings
+from convcli.data.readers import (
+    CHUNK_BYTES,
+    BadRecord,
+    Chunk,
+    Corpus,
+    Dialogue,
+    ReadOptions,
+    parse_chunk,
+)
+from convcli.data.readers.corpus import input_bytes
 from convcli.data.shards import SPLITS, TOKENIZER_DIR, ShardWriter, ids_dtype, write_manifest
 from convcli.errors import ConvcliError, UsageError
-from convcli.modelfolder import refuse_to_replace_inputs, write_atomically
+from convcli.outputs import (
+    check_output,
+    hold_output,
+    recover_leftovers,
+    refuse_to_replace_inputs,
+    write_atomically,
+)
 from convcli.settings import to_dict, to_yaml
 from convcli.tokenizer import ConversationTokenizer
 
@@ -57,6 +72,8 @@ class PrepareResult:
     skipped: dict[str, int]
     truncated_turns: int
     splits: dict[str, dict[str, int]]
+    formats: dict[str, str] = field(default_factory=dict)  # each input: the format read
+    same_role_turns: int = 0  # turns after a turn of the same role (joined or kept apart)
     seconds: float = 0.0
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -66,17 +83,21 @@ def prepare(settings: PrepareSettings, progress: Progress | None = None) -> Prep
     _check(settings)
     assert settings.output is not None
     output = Path(settings.output)
-    if output.exists() and not settings.overwrite:
-        raise ConvcliError(
-            f"{output} already exists (pass `overwrite` to replace it)", param="overwrite"
-        )
     started = time.perf_counter()
+    # Every input's format is found (or refused) before any work.
+    corpus = Corpus(settings.inputs, settings.format, read_options(settings))
     results: list[PrepareResult] = []
-    write_atomically(
-        output,
-        lambda tmp: results.append(_prepare_into(tmp, settings, progress or _no_progress)),
-        overwrite=settings.overwrite,
-    )
+    with hold_output(output):  # for the whole run: a second prepare here fails at once
+        recover_leftovers(output)
+        check_output(output, "prepare", overwrite=settings.overwrite, inputs=settings.inputs)
+        write_atomically(
+            output,
+            lambda tmp: results.append(
+                _prepare_into(tmp, settings, corpus, progress or _no_progress)
+            ),
+            overwrite=settings.overwrite,
+            command="prepare",
+        )
     result = results[0]
     result.output = output
     result.seconds = time.perf_counter() - started
@@ -107,12 +128,26 @@ def _check(settings: PrepareSettings) -> None:
     if not 0.0 <= settings.valid_fraction < 1.0:
         raise UsageError(f"`valid_fraction`: {settings.valid_fraction} is not in [0, 1)",
                          param="valid_fraction")  # fmt: skip
+    if settings.max_depth is not None and settings.max_depth < 2:
+        raise UsageError(f"`max_depth`: {settings.max_depth} cannot hold two turns (min 2)",
+                         param="max_depth")  # fmt: skip
     if settings.workers < 1:
         raise UsageError(f"`workers`: {settings.workers} must be at least 1", param="workers")
     if settings.shard_tokens < 1:
         raise UsageError(f"`shard_tokens`: {settings.shard_tokens} must be at least 1",
                          param="shard_tokens")  # fmt: skip
     refuse_to_replace_inputs(settings.output, settings.inputs)
+
+
+def read_options(settings: PrepareSettings) -> ReadOptions:
+    """The settings that say how to read records (they travel to the workers)."""
+    return ReadOptions(
+        field=settings.field,
+        split=settings.split,
+        same_role=settings.same_role,
+        tree_paths=settings.tree_paths,
+        max_depth=settings.max_depth,
+    )
 
 
 # -- splitting and windows ------------------------------------------------------------------
@@ -147,6 +182,7 @@ class Encoded:
     too_long: np.ndarray  # bool: skipped for a turn over max_length
     truncated: np.ndarray  # turns of the dialogue truncated to max_length
     arrays: dict[str, Arrays]  # per split: the examples as flat arrays
+    same_role: int = 0  # turns that followed a turn of the same role (joined or kept apart)
 
     @property
     def dialogues(self) -> int:
@@ -162,6 +198,7 @@ class Encoder:
         self.valid_fraction, self.dedupe = settings.valid_fraction, settings.dedupe
         self.sep = tokenizer.sep_token_id
         self.dtype = ids_dtype(len(tokenizer))
+        self.options = read_options(settings)
 
     def __call__(self, chunk: Chunk) -> Encoded:
         bad: list[BadRecord] = []
@@ -169,18 +206,27 @@ class Encoder:
         texts: list[str] = []  # every turn of every dialogue, for one batched tokenizer call
         turn_counts: list[int] = []
         unweighted: list[int] = []  # turns (indices into texts) of weight 0
-        for record in parse_chunk(chunk):
+        context: list[int] = []  # turns that are no reply: a dialogue's first, or by role
+        same_role = 0
+        for record in parse_chunk(chunk, self.options):
             if isinstance(record, BadRecord):
                 bad.append(record)
                 continue
             keys.append(dialogue_key(record.turns))
             if record.weights is not None:
                 unweighted += [len(texts) + i for i, w in enumerate(record.weights) if w == 0]
+            if record.roles is None:
+                context.append(len(texts))
+            else:  # with roles known, the replies are the assistant's turns
+                context += [len(texts) + i for i, r in enumerate(record.roles) if r != "assistant"]
+            same_role += record.joined
             texts += record.turns
             turn_counts.append(len(record.turns))
         ids, lengths = self.tokenizer.encode_turns_flat(texts)
         weighted = np.ones(len(texts), dtype=bool)
         weighted[unweighted] = False
+        responses = np.ones(len(texts), dtype=bool)
+        responses[context] = False
         valid = np.array([is_valid(k, self.valid_fraction) for k in keys], dtype=bool)
         laid = lay_out(
             np.array(ids, dtype=self.dtype),
@@ -188,11 +234,12 @@ class Encoder:
             np.array(turn_counts, dtype=np.int64),
             weighted,
             valid,
+            responses=responses,
             sep=self.sep,
             max_length=self.max_length,
             skip_long=self.long_turn == "skip",
         )
-        return Encoded(bad, keys if self.dedupe else None, valid, *laid)
+        return Encoded(bad, keys if self.dedupe else None, valid, *laid, same_role=same_role)
 
 
 _WORKER: Encoder | None = None
@@ -316,12 +363,13 @@ def _write(
     return int(result.truncated[keep].sum())
 
 
-def _tokenizer(settings: PrepareSettings, progress: Progress) -> ConversationTokenizer:
+def _tokenizer(
+    settings: PrepareSettings, corpus: Corpus, progress: Progress
+) -> ConversationTokenizer:
     if settings.tokenizer:
         return ConversationTokenizer.from_pretrained(settings.tokenizer)
     from convcli.data.vocab import train_bpe_tokenizer
 
-    corpus = Corpus(settings.inputs, settings.format)
     strict = settings.on_error == "strict"
 
     def texts() -> Iterator[str]:
@@ -335,27 +383,34 @@ def _tokenizer(settings: PrepareSettings, progress: Progress) -> ConversationTok
 
 
 def _sha256(path: Path) -> str:
+    """A file's SHA-256; a folder's: of its files' relative paths and SHA-256s, sorted."""
     digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{_sha256(file)}\n".encode())
+        return digest.hexdigest()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> PrepareResult:
-    tokenizer = _tokenizer(settings, progress)
+def _prepare_into(
+    tmp: Path, settings: PrepareSettings, corpus: Corpus, progress: Progress
+) -> PrepareResult:
+    tokenizer = _tokenizer(settings, corpus, progress)
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     encoder = Encoder(tokenizer, settings)
     writers = {
         s: ShardWriter(tmp, s, encoder.dtype, shard_tokens=settings.shard_tokens) for s in SPLITS
     }
-    corpus = Corpus(settings.inputs, settings.format)
     strict = settings.on_error == "strict"
     tally = Tally()
     skipped = tally.skipped
     seen: set[bytes] = set()  # dedupe: one key per distinct dialogue (inherent to exact dedupe)
     split_dialogues = dict.fromkeys(SPLITS, 0)
     truncated = 0
+    same_role = 0
 
     read_to: deque[int] = deque()  # input bytes read up to each chunk in flight
 
@@ -374,6 +429,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
                 skipped[record.reason] += 1
             if isinstance(result, Encoded):
                 truncated += _write(result, writers, seen, tally, split_dialogues)
+                same_role += result.same_role
             # Bytes done, not the bytes read ahead for the workers.
             progress("prepare", read_to.popleft(), corpus.total_bytes)
     progress("prepare", corpus.total_bytes, corpus.total_bytes)
@@ -416,7 +472,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
                 {
                     "path": str(path),
                     "format": corpus.formats.get(str(path), settings.format),
-                    "bytes": path.stat().st_size,
+                    "bytes": input_bytes(path),
                     "sha256": _sha256(path),
                 }
                 for path in corpus.files
@@ -427,6 +483,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
             "tokens": sum(s["tokens"] for s in splits.values()),
             "skipped": dict(sorted(skipped.items())),
             "truncated_turns": truncated,
+            "same_role_turns": same_role,
             "splits": splits,
             "settings": to_dict(settings),
         },
@@ -440,5 +497,7 @@ def _prepare_into(tmp: Path, settings: PrepareSettings, progress: Progress) -> P
         skipped=manifest["skipped"],
         truncated_turns=truncated,
         splits={s: {k: v for k, v in d.items() if k != "shards"} for s, d in splits.items()},
+        formats=dict(corpus.formats),
+        same_role_turns=same_role,
         manifest=manifest,
     )

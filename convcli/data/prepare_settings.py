@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from convcli.data.readers.registry import FORMATS
+
+# The choices of `format`: one per reader in the registry (a new reader adds its own).
+FORMAT_CHOICES = ("auto", *FORMATS)
+
 
 @dataclass
 class PrepareSettings:
@@ -26,8 +31,27 @@ class PrepareSettings:
     vocab_size: int = 8000
     """Vocabulary size of the trained tokenizer (with `train_tokenizer`)."""
 
-    format: Literal["auto", "jsonl", "tsv", "text"] = "auto"
+    format: Literal[FORMAT_CHOICES] = "auto"  # type: ignore[valid-type]
     """Input format; auto detects it per file from the extension, else the first line."""
+
+    field: str | None = None
+    """The column (Parquet, Arrow, dataset folders) or key (chat messages, ShareGPT) that
+    holds the turns, where it is not one of the usual ones."""
+
+    split: str | None = None
+    """The split to read from a dataset folder of several (default: train)."""
+
+    same_role: Literal["join", "split"] = "join"
+    """Two turns in a row of one role (chat messages, transcripts): join them into one turn
+    (with a newline between) or keep them as two turns. Counted either way."""
+
+    tree_paths: Literal["leaves", "all"] = "leaves"
+    """Reply trees (ConvoKit): a dialogue per root-to-leaf path, or per node (its path from
+    the root, as DialoGPT trains on)."""
+
+    max_depth: int | None = None
+    """Reply trees: drop replies deeper than this many turns (none: keep all). Bounds the
+    turns a deep thread makes."""
 
     max_length: int = 1024
     """Most tokens per example; longer dialogues become several examples by whole turns."""

@@ -191,7 +191,9 @@ def format_candidates(response: Response | None) -> list[str]:
     lines = ["candidates (MMI score, * = chosen):"]
     for i, cand in enumerate(response.candidates):
         mark = "*" if i == response.chosen else " "
-        lines.append(f" {mark} {cand.score:8.3f}  {one_line(cand.text) or '(empty)'}")
+        # A reply sampled several times is listed once, with how many times.
+        times = f" (x{cand.count})" if cand.count > 1 else ""
+        lines.append(f" {mark} {cand.score:8.3f}  {one_line(cand.text) or '(empty)'}{times}")
     return lines
 
 

@@ -15,7 +15,9 @@ Empty candidates are never chosen while a non-empty one exists.
 
 What changed from the tutorial: candidates are generated together instead of one at a
 time with a `.item()` per token, the generation length is capped, the first turn works,
-truncation keeps the newest turns, and a seed makes it reproducible.
+truncation keeps the newest turns, a seed makes it reproducible, and identical
+candidates are scored once and listed once with their count (the choice weighs them by
+it, so its distribution is the tutorial's).
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ class Candidate:
     score: float
     """Mean log-likelihood of the source given this reply (higher is better)."""
     token_ids: list[int]
+    count: int = 1
+    """How many of the sampled candidates were this very reply (same token ids)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "score": round(self.score, 4)}
+        return {"text": self.text, "score": round(self.score, 4), "count": self.count}
 
 
 @dataclass
@@ -59,6 +63,7 @@ class MMIResult:
 
     context: list[str]
     candidates: list[Candidate]
+    """The distinct replies sampled, in order of first appearance, each with its count."""
     chosen: int
     """Index of the reply in `candidates`."""
 
@@ -73,7 +78,7 @@ class MMIResult:
     @property
     def new_tokens(self) -> int:
         """Tokens generated for this context, all candidates together."""
-        return sum(len(c.token_ids) for c in self.candidates)
+        return sum(len(c.token_ids) * c.count for c in self.candidates)
 
     def __str__(self) -> str:
         return self.response
@@ -137,23 +142,59 @@ def score_candidates(
     return (sums / counts).tolist()
 
 
+def choice_probabilities(
+    scores: Sequence[float],
+    nonempty: Sequence[bool],
+    counts: Sequence[int] | None = None,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> torch.Tensor:
+    """P(pick candidate i): softmax(score / T) over the samples, summed over duplicates.
+
+    A reply sampled `count` times gets `count * exp(score / T)` (normalised), exactly
+    what the softmax over every sample gives it; empty replies get 0 while a non-empty
+    one exists.
+    """
+    import torch
+
+    s = torch.tensor(scores, dtype=torch.float64) / temperature
+    if counts is not None:
+        s = s + torch.tensor(counts, dtype=torch.float64).log()
+    if any(nonempty):
+        s = s.masked_fill(~torch.tensor(list(nonempty)), float("-inf"))
+    return torch.softmax(s, dim=0)
+
+
 def choose(
     scores: Sequence[float],
     nonempty: Sequence[bool],
+    counts: Sequence[int] | None = None,
     *,
     temperature: float = DEFAULT_TEMPERATURE,
     argmax: bool = False,
+    generator: torch.Generator | None = None,
 ) -> int:
-    """Index drawn from softmax(score / T) over the non-empty candidates (or the argmax)."""
+    """Index drawn from `choice_probabilities` (or the best-scored non-empty candidate).
+
+    `generator`: draw with it instead of torch's global RNG (a server's per-request seed).
+    """
     import torch
 
-    s = torch.tensor(scores, dtype=torch.float64)
-    if any(nonempty):
-        s = s.masked_fill(~torch.tensor(list(nonempty)), float("-inf"))
     if argmax:
+        s = torch.tensor(scores, dtype=torch.float64)
+        if any(nonempty):
+            s = s.masked_fill(~torch.tensor(list(nonempty)), float("-inf"))
         return int(torch.argmax(s))
-    probs = torch.softmax(s / temperature, dim=0)
-    return int(torch.multinomial(probs, 1))
+    probs = choice_probabilities(scores, nonempty, counts, temperature=temperature)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def distinct(rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct rows in order of first appearance, and how often each occurs."""
+    counts: dict[tuple[int, ...], int] = {}
+    for row in rows:
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    return [list(row) for row in counts], list(counts.values())
 
 
 class MMIReranker:
@@ -195,7 +236,8 @@ class MMIReranker:
         keep_first_turns: int = 0,
         **hf_kwargs: Any,
     ) -> list[MMIResult]:
-        """Reranked replies to a batch of contexts: one generate call, one reverse forward.
+        """Reranked replies to a batch of contexts: one generate call, one reverse forward
+        over the distinct candidates.
 
         `hf_kwargs` are Hugging Face `generate` options for the candidates (default:
         top-k 50 sampling); `num_return_sequences` is the number of candidates.
@@ -208,25 +250,28 @@ class MMIReranker:
             keep_first_turns=keep_first_turns, **options,
         )  # fmt: skip
         turn_ids, cand_ids = sampled.turn_ids, sampled.response_ids
-        texts = [fwd.tokenizer.decode(ids) for ids in cand_ids]
 
+        # Identical samples (common: a confident model repeats itself) are scored once
+        # and kept once with their count; `choose` weighs them by it.
         k = self.num_candidates
-        sources = []
-        for turns in turn_ids:
+        groups = [distinct(cand_ids[i * k : (i + 1) * k]) for i in range(len(batch))]
+        rows, sources = [], []
+        for turns, (unique, _) in zip(turn_ids, groups, strict=True):
             src = [turns[-1]] if self.source == "last" else list(reversed(turns))
-            sources += [src] * k
-        scores = score_candidates(self.reverse, cand_ids, sources)
+            rows += unique
+            sources += [src] * len(unique)
+        scores = iter(score_candidates(self.reverse, rows, sources))
 
         results = []
-        for i, context in enumerate(batch):
-            part = slice(i * k, (i + 1) * k)
+        for context, (unique, counts) in zip(batch, groups, strict=True):
             cands = [
-                Candidate(text, score, ids)
-                for text, score, ids in zip(texts[part], scores[part], cand_ids[part], strict=True)
+                Candidate(fwd.tokenizer.decode(ids), next(scores), ids, count)
+                for ids, count in zip(unique, counts, strict=True)
             ]
             chosen = choose(
                 [c.score for c in cands],
                 [bool(c.text) for c in cands],
+                [c.count for c in cands],
                 temperature=self.temperature,
                 argmax=self.argmax,
             )

@@ -346,13 +346,14 @@ class ConversationModel:
         mask = tensors["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         head = {key: value[:, :-1] for key, value in tensors.items()}
-        # logits_to_keep=1: the vocabulary projection of the context is not needed.
+        # logits_to_keep=1: the vocabulary projection of the context is not needed. `cache`
+        # is transformers 5's name (`past_key_values` warns and goes away in 6.0).
         cache = self.model(
             **head, position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1
-        ).past_key_values
+        ).cache
         cache.batch_repeat_interleave(k)
         repeated = {key: value.repeat_interleave(k, dim=0) for key, value in tensors.items()}
-        return repeated, {**hf_kwargs, "num_return_sequences": 1, "past_key_values": cache}
+        return repeated, {**hf_kwargs, "num_return_sequences": 1, "cache": cache}
 
     def response_ids(self, sequences: torch.Tensor, prompt_width: int) -> list[list[int]]:
         """The generated ids of each sequence, cut at the first sep (or eos/pad)."""
@@ -373,7 +374,7 @@ def _shares_context(tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any])
         int(hf_kwargs.get("num_return_sequences") or 1) > 1
         and hf_kwargs.get("do_sample") is True
         and int(hf_kwargs.get("num_beams") or 1) == 1
-        and "past_key_values" not in hf_kwargs
+        and not {"cache", "past_key_values"} & hf_kwargs.keys()
         and hf_kwargs.get("use_cache", True) is not False
         and tensors["input_ids"].shape[1] > 1
     )

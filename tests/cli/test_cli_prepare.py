@@ -99,3 +99,19 @@ def test_subprocess_shows_progress_on_stderr_and_trains_a_tokenizer(tmp_path):
     assert "4000 dialogues read, 4000 written, 0 skipped" in result.stderr
     formats = [s["format"] for s in Shards(out).manifest["sources"]]
     assert formats == ["text", "tsv"]
+
+
+def test_a_file_of_no_known_format_is_refused_before_any_work(tmp_path, tiny_tokenizer_dir):
+    config = tmp_path / "settings.yml"
+    config.write_text("name: demo\nlayers: 2\nwidth: 64\n")
+    out = tmp_path / "out"
+    tok = ["--tokenizer", str(tiny_tokenizer_dir), "--workers", "1"]
+    result = runner.invoke(app, ["prepare", str(config), "-o", str(out), *tok])
+    assert result.exit_code == 1 and not out.exists()
+    error = result.stderr.strip()
+    assert error.startswith(f"error: {config}: no known format fits its extension (.yml)")
+    assert error.endswith("Pass --format text to read it as plain text (one turn per line)")
+    assert len(error.splitlines()) == 1
+    forced = runner.invoke(app, ["prepare", str(config), "-o", str(out), "--format", "text", *tok])
+    assert forced.exit_code == 0, forced.output
+    assert forced.stderr.strip().endswith("; read as text")

@@ -72,9 +72,11 @@ def test_json_with_mmi(trained):
     payload = json.loads(result.stdout)
     assert set(payload) == {"context", "responses", "candidates"}
     assert payload["context"] == ["Hello"]
-    assert len(payload["responses"]) == 1 and len(payload["candidates"]) == 4
+    assert len(payload["responses"]) == 1
+    assert sum(c["count"] for c in payload["candidates"]) == 4  # duplicates listed once
     assert all(
-        set(c) == {"text", "score"} and isinstance(c["score"], float) for c in payload["candidates"]
+        set(c) == {"text", "score", "count"} and isinstance(c["score"], float)
+        for c in payload["candidates"]
     )
     assert payload["responses"][0] in [c["text"] for c in payload["candidates"]]
     assert "not marked as a reverse model" not in result.stderr
@@ -122,7 +124,7 @@ def test_batch_mode_strict_stops_with_the_line_number(trained, tmp_path):
     out = tmp_path / "out.jsonl"
     result = generate(trained[0], "--input", contexts, "--output", out)
     assert result.exit_code == 1
-    assert "contexts.jsonl:3: invalid JSON" in result.stderr
+    assert "contexts.jsonl:3: malformed JSON" in result.stderr
     assert not out.exists()
 
 
@@ -149,5 +151,5 @@ def test_batch_mode_with_mmi_writes_candidates_to_stdout(trained, tmp_path):
     result = generate(forward, "-i", contexts, "--reverse-model", reverse, "--num-candidates", "3")
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [len(r["candidates"]) for r in records] == [3, 3]
+    assert [sum(c["count"] for c in r["candidates"]) for r in records] == [3, 3]
     assert records[1]["context"] == ["こんにちは"]

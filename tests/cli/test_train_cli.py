@@ -132,7 +132,7 @@ def test_fsdp_on_two_cpu_processes_exports_the_gathered_weights(make_shards, tmp
     import torch
     from safetensors.torch import load_file
 
-    from convcli.convert import convert_checkpoint
+    from convcli.conversion.convert import convert_checkpoint
     from tests.conftest import REPO
 
     run = tmp_path / "fsdp"

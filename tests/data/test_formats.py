@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from convcli.data.formats import BadRecord, Corpus, Dialogue, detect_format
+from convcli.data.readers import BadRecord, Corpus, Dialogue, detect_format
 
 
 def records(*paths, format="auto"):
@@ -81,7 +81,7 @@ def test_detect_format():
 
     assert detect_format(Path("a.TSV.gz")) == "tsv"
     assert detect_format(Path("a"), '{"turns": []}') == "jsonl"
-    assert detect_format(Path("a.dat"), "hello") == "text"
+    assert detect_format(Path("a.dat"), "hello") is None  # no format fits
 
 
 BAD = [
@@ -130,7 +130,7 @@ def test_a_bad_line_in_a_text_block_spoils_only_that_dialogue(tmp_path):
 
 
 def test_any_chunk_size_gives_the_same_records(tmp_path):
-    from convcli.data.formats import parse_chunk
+    from convcli.data.readers import parse_chunk
 
     (tmp_path / "t.txt").write_bytes(
         b"\xef\xbb\xbfhi\nthere\r\n\r\nx\n\xe3\x80\x80\ny\nz\n \t\n\n\xffbad\nw\n\nlast\none"
@@ -162,7 +162,7 @@ def test_any_chunk_size_gives_the_same_records(tmp_path):
 
 
 def test_globs_expand_a_quoted_home_directory(tmp_path, monkeypatch):
-    from convcli.data.formats import expand_inputs
+    from convcli.data.readers import expand_inputs
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "d").mkdir()

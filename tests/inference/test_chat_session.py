@@ -29,7 +29,7 @@ class FakeModel:
         n = len(self.calls)
         return Response(
             text=f"reply {n}",
-            candidates=[Candidate(f"reply {n}", -1.0, [1]), Candidate("other", -2.5, [2])],
+            candidates=[Candidate(f"reply {n}", -1.0, [1]), Candidate("other", -2.5, [2], 3)],
             chosen=0,
             new_tokens=7,
             seconds=0.5,
@@ -77,7 +77,7 @@ def test_candidates_are_shown_on_request_and_every_turn():
     session.handle("Hello")
     shown = session.handle("/candidates").notes
     assert shown[1].startswith(" *") and "reply 1" in shown[1]
-    assert "-2.500" in shown[2] and "other" in shown[2]
+    assert "-2.500" in shown[2] and shown[2].endswith("other (x3)")  # sampled 3 times
     every = ChatSession(FakeModel(), show_candidates=True, verbose=True)
     notes = every.handle("Hello").notes
     assert any("other" in n for n in notes)
@@ -99,7 +99,7 @@ def test_transcript_is_written_as_it_happens_and_resumes(tmp_path):
     recorded = events(path)
     assert [e["event"] for e in recorded] == ["start", "turn", "reset", "turn", "turn"]
     assert recorded[3]["user"] == "こんにちは"
-    assert recorded[3]["candidates"][1] == {"text": "other", "score": -2.5}
+    assert recorded[3]["candidates"][1] == {"text": "other", "score": -2.5, "count": 3}
 
     state = load_transcript(path)
     assert state.opening == ["Persona."]

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from convcli.errors import ConvcliError
-from convcli.inference.mmi import MMIReranker, choose
+from convcli.inference.mmi import MMIReranker, choice_probabilities, choose
 from convcli.inference.model import ConversationModel
 from convcli.modelfolder import ModelMeta, save_model_folder
 from convcli.tokenizer import ConversationTokenizer
@@ -56,7 +58,8 @@ def test_argmax_picks_the_best_candidate_by_an_independent_scoring(pair, source)
     reranker = MMIReranker(forward, reverse, num_candidates=6, argmax=True, source=source)
     result = reranker.respond(context, seed=3, temperature=2.0, max_new_tokens=12)
     texts = [c.text for c in result.candidates]
-    assert len(texts) == 6 and len(set(texts)) > 1  # a real choice to make
+    assert sum(c.count for c in result.candidates) == 6
+    assert len(set(texts)) == len(texts) > 1  # distinct, and a real choice to make
     src = context[-1:] if source == "last" else context[::-1]
     expected = [independent_score(reverse, c.text, src) for c in result.candidates]
     assert [c.score for c in result.candidates] == pytest.approx(expected, abs=1e-4)
@@ -97,7 +100,7 @@ def test_one_generate_call_and_one_reverse_forward(pair, monkeypatch):
     assert len(calls) == 1
     assert calls[0]["input_ids"].shape[0] == 16  # 2 contexts x 8 candidates, one call
     assert len(reverse_calls) == 1
-    assert [len(r.candidates) for r in results] == [8, 8]
+    assert [sum(c.count for c in r.candidates) for r in results] == [8, 8]
 
 
 def test_empty_candidates_are_never_chosen():
@@ -114,20 +117,16 @@ def test_empty_candidates_are_never_chosen():
 def test_empty_candidates_are_not_chosen_end_to_end(pair, monkeypatch):
     forward, reverse = pair
     reranker = MMIReranker(forward, reverse, num_candidates=4, argmax=True)
-    # Make the first two candidates empty (sep right away) and give them the best score.
+    # Make two candidates empty (sep right away) and give them the best score.
     import convcli.inference.mmi as mmi
 
-    real_response_ids = forward.response_ids
-
-    def half_empty(sequences, width):
-        ids = real_response_ids(sequences, width)
-        return [[], [], *ids[2:]]
-
-    monkeypatch.setattr(forward, "response_ids", half_empty)
-    monkeypatch.setattr(mmi, "score_candidates", lambda r, c, s: [0.0, 0.0, -5.0, -3.0])
+    hi, morning = forward.tokenizer.encode("Hi"), forward.tokenizer.encode("Good morning")
+    monkeypatch.setattr(forward, "response_ids", lambda seq, width: [[], [], hi, morning])
+    scores = {(): 0.0, tuple(hi): -5.0, tuple(morning): -3.0}
+    monkeypatch.setattr(mmi, "score_candidates", lambda r, c, s: [scores[tuple(x)] for x in c])
     result = reranker.respond(["Hello"], seed=0)
-    assert result.chosen == 3
-    assert result.candidates[0].text == ""
+    assert result.response == "Good morning"
+    assert result.candidates[0].text == "" and result.candidates[0].count == 2
 
 
 def test_sampling_follows_the_seed(pair):
@@ -149,3 +148,64 @@ def test_a_reverse_model_with_another_tokenizer_is_refused(pair, tmp_path):
     folder = save_model_folder(tiny_gpt2(len(other)), other, meta, tmp_path / "other")
     with pytest.raises(ConvcliError, match="tokenizer"):
         MMIReranker(forward, ConversationModel.from_pretrained(folder))
+
+
+def test_duplicate_candidates_are_scored_once_and_listed_once_with_their_count(pair, monkeypatch):
+    forward, reverse = pair
+    import convcli.inference.mmi as mmi
+
+    hi, tea = forward.tokenizer.encode("Hi, how are you?"), forward.tokenizer.encode("I like tea.")
+    monkeypatch.setattr(forward, "response_ids", lambda seq, width: [hi, hi, tea, hi])
+    scored: list[list[list[int]]] = []
+    real_score = mmi.score_candidates
+
+    def spy(rev, candidates, sources):
+        scored.append([list(c) for c in candidates])
+        return real_score(rev, candidates, sources)
+
+    monkeypatch.setattr(mmi, "score_candidates", spy)
+    result = MMIReranker(forward, reverse, num_candidates=4, argmax=True).respond(["Hello"], seed=0)
+    assert scored == [[hi, tea]]  # each distinct reply went through the reverse model once
+    assert [(c.text, c.count) for c in result.candidates] == [
+        ("Hi, how are you?", 3),
+        ("I like tea.", 1),
+    ]
+    expected = [independent_score(reverse, c.text, ["Hello"]) for c in result.candidates]
+    assert [c.score for c in result.candidates] == pytest.approx(expected, abs=1e-4)
+    assert result.new_tokens == 3 * len(hi) + len(tea)
+    assert result.candidates[0].to_dict()["count"] == 3
+
+
+def test_merging_duplicates_leaves_the_choice_distribution_unchanged():
+    # Seven samples: A three times, B twice, C once and one empty reply.
+    samples = [("A", -1.0), ("B", -0.5), ("A", -1.0), ("C", -2.0), ("", 0.0), ("B", -0.5)]
+    samples.append(("A", -1.0))
+    each = choice_probabilities(
+        [s for _, s in samples], [bool(t) for t, _ in samples], temperature=0.7
+    )
+    per_text: dict[str, float] = {}
+    for (text, _), p in zip(samples, each.tolist(), strict=True):
+        per_text[text] = per_text.get(text, 0.0) + p
+    merged = choice_probabilities(
+        [-1.0, -0.5, -2.0, 0.0], [True, True, True, False], [3, 2, 1, 1], temperature=0.7
+    )
+    assert merged.tolist() == pytest.approx([per_text[t] for t in "ABC"] + [0.0], abs=1e-12)
+    # Drawn many times, the merged choice follows it.
+    torch.manual_seed(0)
+    picks = [
+        choose([-1.0, -0.5, -2.0, 0.0], [True, True, True, False], [3, 2, 1, 1], temperature=0.7)
+        for _ in range(4000)
+    ]
+    freq = [picks.count(i) / len(picks) for i in range(4)]
+    assert freq == pytest.approx(merged.tolist(), abs=0.03)
+    # argmax ignores counts: the best score wins.
+    assert choose([-1.0, -0.5], [True, True], [5, 1], argmax=True) == 1
+
+
+def test_an_mmi_turn_prints_no_deprecation_warning(pair, capfd):
+    forward, reverse = pair
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MMIReranker(forward, reverse, num_candidates=4).respond(["Hello"], seed=0)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+    assert "deprecated" not in capfd.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convcli.convert import convert_checkpoint
+from convcli.conversion.convert import convert_checkpoint
 from convcli.errors import ConvcliError
 from convcli.modelfolder import load_model_folder
 from convcli.training.fit import train

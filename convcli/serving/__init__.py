@@ -1,0 +1,1 @@
+"""`convcli serve`: an OpenAI-compatible chat-completions server over the inference core."""

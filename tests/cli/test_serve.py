@@ -1,0 +1,87 @@
+"""`convcli serve` from the command line: options, config, a real process answering."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli
+from tests.serving.server import free_port
+
+
+def test_print_config_has_the_serve_settings(tmp_path):
+    out = run_cli("serve", "some-model", "--port", "9123", "--threads", "2", "--print-config")
+    assert out.returncode == 0, out.stderr
+    config = yaml.safe_load(out.stdout)
+    assert config["host"] == "127.0.0.1"  # this machine only, unless told otherwise
+    assert (config["port"], config["threads"]) == (9123, 2)
+    assert config["top_p"] == 0.95 and config["num_candidates"] == 8
+    path = tmp_path / "serve.yaml"
+    path.write_text(out.stdout)
+    again = run_cli("serve", "m", "--config", str(path), "--max-n", "3", "--print-config")
+    assert yaml.safe_load(again.stdout) == {**config, "max_n": 3}
+
+
+def test_bad_values_name_the_flag():
+    out = run_cli("serve", "m", "--workers", "0")
+    assert out.returncode == 2
+    assert "--workers must be at least 1" in out.stderr
+
+
+def test_missing_extra_is_a_one_line_install_hint(tmp_path):
+    # A fastapi that cannot be imported, as in an install without the serve extra.
+    (tmp_path / "fastapi.py").write_text("raise ImportError('no fastapi here')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    out = subprocess.run([sys.executable, "-m", "convcli", "serve", "m"], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "error: convcli serve needs FastAPI and uvicorn: pip install 'convcli[serve]'"
+    ]
+
+
+def test_a_model_that_does_not_load_stops_the_server(tmp_path):
+    out = run_cli("serve", str(tmp_path / "nowhere"), "--port", str(free_port()), timeout=120)
+    assert out.returncode == 1
+    assert "error:" in out.stderr and "nowhere" in out.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_serve_answers_over_http_and_stops_on_ctrl_c(trained):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convcli", "serve", str(trained[0]), "--reverse-model",
+         str(trained[1]), "--port", str(port), "--threads", "1", "--model-name", "tiny"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}],
+                "temperature": 0, "mmi": False}  # fmt: skip
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["message"]["content"] == "Hi, how are you?"
+        assert "convcli chat" in httpx.get(f"{url}/").text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    # uvicorn shuts down gracefully, then re-raises the Ctrl-C: exit 130, as for uvicorn itself.
+    assert proc.returncode == 130, err
+    assert "Finished server process" in err
+    assert "as 'tiny' (MMI over 8 candidates); chat page: http://127.0.0.1:" in err
