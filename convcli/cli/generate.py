@@ -10,8 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from convcli.cli.common import info
-from convcli.cli.options import ExtraOption, extra_options, settings_options
+from convcli.cli.common import StageBars, info, progress_mode
+from convcli.cli.options import ExtraOption, QuietOption, extra_options, settings_options
 from convcli.errors import UsageError
 from convcli.inference.settings import (
     BatchSettings,
@@ -42,6 +42,7 @@ def generate(
     ] = False,
     batch: BatchSettings = BatchSettings(),
     runtime: RuntimeSettings = RuntimeSettings(),
+    quiet: QuietOption = False,
 ) -> None:
     """Generate the next turn of a conversation (with optional MMI reranking).
 
@@ -105,7 +106,7 @@ def generate(
             for text in record["responses"]:
                 typer.echo(" ".join(text.splitlines()))
         return
-    _batch_mode(items, counts, output, answer, batch_size=batch.batch_size)
+    _batch_mode(items, counts, output, answer, batch_size=batch.batch_size, quiet=quiet)
 
 
 def _read_input(input: Path, *, strict: bool) -> tuple[Any, list[Any]]:
@@ -125,19 +126,28 @@ def _read_input(input: Path, *, strict: bool) -> tuple[Any, list[Any]]:
 
 
 def _batch_mode(
-    items: list[Any], counts: Any, output: Path | None, answer: Any, *, batch_size: int
+    items: list[Any],
+    counts: Any,
+    output: Path | None,
+    answer: Any,
+    *,
+    batch_size: int,
+    quiet: bool,
 ) -> None:
-    from tqdm import tqdm
-
     from convcli.inference.batch import run_batches
 
     started = time.perf_counter()
     out = sys.stdout if output is None else output.open("w", encoding="utf-8")
     try:
-        with tqdm(total=len(items), unit="context", file=sys.stderr, desc="generate") as bar:
-            run_batches(
-                items, answer, out, batch_size=batch_size, counts=counts, progress=bar.update
-            )
+        with StageBars(mode=progress_mode(quiet), unit="context") as bars:
+            done = 0
+
+            def progress(n: int) -> None:
+                nonlocal done
+                done += n
+                bars("generate", done, len(items))
+
+            run_batches(items, answer, out, batch_size=batch_size, counts=counts, progress=progress)
     finally:
         if output is not None:
             out.close()
