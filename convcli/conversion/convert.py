@@ -313,7 +313,12 @@ def _recorded_tokenizer(ckpt: Checkpoint, path: Path, notes: list[str]) -> Conve
         with tempfile.TemporaryDirectory(prefix="convcli-tokenizer-") as tmp:
             for name, data in ckpt.tokenizer_files.items():
                 (Path(tmp) / name).write_bytes(data)
-            return _tokenizer(tmp)
+            try:
+                return _tokenizer(tmp)
+            except ConvcliError as exc:  # name the checkpoint, not our temporary folder
+                raise ConvcliError(
+                    str(exc).replace(tmp, f"the tokenizer kept in {path}"), param=exc.params
+                ) from None
     named = hparam(ckpt.hparams, "tokenizer", "tokenizer_path", "tokenizer_name_or_path")
     if isinstance(named, (str, Path)):
         return _tokenizer(named)
