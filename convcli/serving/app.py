@@ -123,6 +123,12 @@ def create_app(
         error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error")
         return JSONResponse(error.body(), status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault: still an error object, so clients can show it.
+        error = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     @app.middleware("http")
     async def require_key(request: Request, call_next: Any) -> Response:
         key = state.serve.api_key

@@ -171,3 +171,25 @@ def _state(url: str):
     from tests.serving.server import APPS
 
     return APPS[url].state.convcli
+
+
+def test_a_bug_is_a_500_error_object_and_the_server_goes_on(tiny_model_dir):
+    from tests.serving.server import running
+
+    with running(tiny_model_dir) as url:
+        model = _state(url).batcher.model.model
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        model.forward = broken
+        reply = post(url, GOOD)
+        assert reply.status_code == 500
+        assert reply.json()["error"] == {
+            "message": "internal error: RuntimeError",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        del model.forward
+        assert post(url, {**GOOD, "max_tokens": 3}).status_code == 200
