@@ -180,18 +180,19 @@ class ResponseReport:
 def read_samples(path: str | Path, references: str | Path | None = None) -> list[Sample]:
     """Contexts and references from JSONL.
 
-    Each line of `path` is a JSON array of turns or an object with `turns` (and
-    optionally `reference` or `expected`). Without a separate `references` file (one
+    Each line of `path` is a context as `data.readers.contexts` reads it (a JSON array of
+    turns, an object with `turns`, chat `messages` or ShareGPT `conversations`), its object
+    optionally with `reference` or `expected`. Without a separate `references` file (one
     JSON string per line, or an object with `reference`), a line's reference is its
     `reference`/`expected` key, else its last turn (the context is the turns before).
     """
-    from convcli.inference.batch import parse_line
+    from convcli.data.readers.contexts import parse_context
 
     path = Path(path)
     samples = []
     refs = iter(_read_references(Path(references))) if references else None
     for number, text in _lines(path):
-        item = parse_line(text, path=str(path), line=number)
+        item = parse_context(text, path=str(path), line=number)
         turns, reference = item.turns, item.extra.get("reference", item.extra.get("expected"))
         if refs is not None:
             reference = next(refs, None)
@@ -231,11 +232,13 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _read_references(path: Path) -> Iterable[str]:
+    from convcli.data.readers.lines import json_error
+
     for number, text in _lines(path):
         try:
             value = json.loads(text)
         except ValueError as exc:
-            raise InputError(f"invalid JSON: {exc}", path=str(path), line=number) from None
+            raise InputError(json_error(exc), path=str(path), line=number) from None
         if isinstance(value, dict):
             value = value.get("reference")
         if not isinstance(value, str):

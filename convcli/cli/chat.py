@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +10,7 @@ import typer
 
 from convcli.cli.common import info, stdin_is_terminal
 from convcli.cli.options import ExtraOption, extra_options, settings_options
-from convcli.errors import InputError, UsageError
+from convcli.errors import UsageError
 from convcli.inference.settings import (
     CHAT_SAMPLING,
     ChatSettings,
@@ -22,20 +21,17 @@ from convcli.inference.settings import (
 
 
 def read_context_file(path: Path) -> list[str]:
-    """Opening turns: a JSON array of strings, or plain text with one turn per line."""
+    """Opening turns: one JSON context (an array of turns, `turns`, chat `messages`, ShareGPT
+    `conversations`: the readers' own parsing), or plain text with one turn per line."""
+    from convcli.data.readers.contexts import parse_context
+
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"--context: cannot read {path}: {exc.strerror or exc}") from None
     stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            turns = json.loads(stripped)
-        except ValueError as exc:
-            raise InputError(f"invalid JSON: {exc}", path=str(path)) from None
-        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-            raise InputError("expected a JSON array of turn strings", path=str(path))
-        return turns
+    if stripped.startswith(("[", "{")):
+        return parse_context(stripped, path=str(path), line=None).turns
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -1,8 +1,9 @@
 """The JSONL batch mode of `convcli generate`: contexts in, one JSON answer per line out.
 
-An input line is a JSON array of turns (`["Hello", "Hi!"]`) or an object with a
-`turns` array (its other keys are copied to the output line). Blank lines are
-ignored. A bad line is an error naming its line number, or, with `strict=False`,
+An input line is a context as the corpus readers read it (`data.readers.contexts`): a JSON
+array of turns (`["Hello", "Hi!"]`), an object with a `turns` array, chat `messages` or
+ShareGPT `conversations` (the object's other keys are copied to the output line). Blank
+lines are ignored. A bad line is an error naming its line number, or, with `strict=False`,
 counted and skipped.
 """
 
@@ -13,16 +14,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from convcli.data.readers.contexts import Context, parse_context
 from convcli.errors import InputError
 
-
-@dataclass
-class Item:
-    """One context read from the input."""
-
-    line: int
-    turns: list[str]
-    extra: dict[str, Any] = field(default_factory=dict)
+Item = Context  # one context read from the input
 
 
 @dataclass
@@ -36,29 +31,6 @@ class BatchCounts:
     """`path:line: reason` of each skipped line."""
 
 
-def parse_line(text: str, *, path: str, line: int) -> Item:
-    """One input line as an `Item`, or an `InputError` naming the line."""
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise InputError(f"invalid JSON: {exc}", path=path, line=line) from None
-    extra: dict[str, Any] = {}
-    if isinstance(value, dict):
-        if "turns" not in value:
-            raise InputError("an object needs a 'turns' array", path=path, line=line)
-        extra = {k: v for k, v in value.items() if k != "turns"}
-        value = value["turns"]
-    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise InputError(
-            "expected a JSON array of turn strings (or an object with 'turns')",
-            path=path,
-            line=line,
-        )
-    if not value:
-        raise InputError("a context needs at least one turn", path=path, line=line)
-    return Item(line, value, extra)
-
-
 def read_items(
     lines: Iterable[str], *, path: str, strict: bool, counts: BatchCounts
 ) -> Iterator[Item]:
@@ -68,7 +40,7 @@ def read_items(
             continue
         counts.read += 1
         try:
-            yield parse_line(text, path=path, line=number)
+            yield parse_context(text, path=path, line=number)
         except InputError as exc:
             if strict:
                 raise

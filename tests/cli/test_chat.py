@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from convcli.cli.app import app
@@ -91,3 +92,19 @@ def test_bad_input_never_crashes_it(trained):
 def test_resume_needs_a_transcript(trained):
     result = chat(trained[0], "--resume-transcript", input="")
     assert result.exit_code == 2 and "--transcript" in result.stderr
+
+
+def test_a_context_file_is_read_by_the_corpus_readers(tmp_path):
+    from convcli.cli.chat import read_context_file
+    from convcli.errors import InputError
+
+    persona = tmp_path / "persona.json"
+    persona.write_text(
+        json.dumps({"messages": [{"role": "system", "content": "I love green tea."}]}, indent=1)
+    )
+    assert read_context_file(persona) == ["I love green tea."]  # a system message opens it
+    persona.write_text('["I love green tea.", "Do you like tea?"]')
+    assert read_context_file(persona) == ["I love green tea.", "Do you like tea?"]
+    persona.write_text('["I love green tea.", 3]')
+    with pytest.raises(InputError, match=r"persona\.json: expected a JSON array of strings"):
+        read_context_file(persona)

@@ -124,7 +124,7 @@ def test_batch_mode_strict_stops_with_the_line_number(trained, tmp_path):
     out = tmp_path / "out.jsonl"
     result = generate(trained[0], "--input", contexts, "--output", out)
     assert result.exit_code == 1
-    assert "contexts.jsonl:3: invalid JSON" in result.stderr
+    assert "contexts.jsonl:3: malformed JSON" in result.stderr
     assert not out.exists()
 
 

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from convcli.data.readers.contexts import parse_context
 from convcli.errors import InputError
-from convcli.inference.batch import BatchCounts, parse_line, read_items, run_batches
+from convcli.inference.batch import BatchCounts, read_items, run_batches
 
 LINES = [
     '["Hello"]',
@@ -20,30 +21,37 @@ LINES = [
 ]
 
 
-def test_parse_line_accepts_arrays_and_objects():
-    assert parse_line('["a", "b"]', path="f", line=1).turns == ["a", "b"]
-    item = parse_line('{"turns": ["a"], "id": 7}', path="f", line=2)
+def test_a_context_is_read_as_the_corpus_readers_read_it():
+    assert parse_context('["a", "b"]', path="f", line=1).turns == ["a", "b"]
+    item = parse_context('{"turns": ["a"], "id": 7}', path="f", line=2)
     assert (item.turns, item.extra, item.line) == (["a"], {"id": 7}, 2)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    item = parse_context(json.dumps({"id": "m", "messages": messages}), path="f", line=3)
+    assert (item.turns, item.extra) == (["Be brief.", "Hi"], {"id": "m"})
+    sharegpt = {"conversations": [{"from": "human", "value": "Tea?"}], "reference": "Yes"}
+    item = parse_context(json.dumps(sharegpt), path="f", line=4)
+    assert (item.turns, item.extra) == (["Tea?"], {"reference": "Yes"})
 
 
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("{", "invalid JSON"),
-        ('{"id": 1}', "'turns'"),
-        ("[]", "at least one turn"),
-        ('["a", 3]', "array of turn strings"),
-        ('"just text"', "array of turn strings"),
+        ("{", "malformed JSON"),
+        ('{"id": 1}', 'an object with a "turns" array'),
+        ("[]", "at least 1 turn, this one has 0"),
+        ('["a", 3]', "a JSON array of strings"),
+        ('"just text"', "a JSON array of strings"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "unknown role 'bot'"),
     ],
 )
 def test_bad_lines_name_their_line(text, reason):
     with pytest.raises(InputError, match=rf"^in\.jsonl:5: .*{reason}"):
-        parse_line(text, path="in.jsonl", line=5)
+        parse_context(text, path="in.jsonl", line=5)
 
 
 def test_strict_mode_stops_at_the_first_bad_line():
     counts = BatchCounts()
-    with pytest.raises(InputError, match=r"^c\.jsonl:4: invalid JSON"):
+    with pytest.raises(InputError, match=r"^c\.jsonl:4: malformed JSON"):
         list(read_items(LINES, path="c.jsonl", strict=True, counts=counts))
 
 

@@ -91,6 +91,7 @@ class ReadOptions:
     tree_paths: str = "leaves"  # reply trees: root-to-leaf paths, or every node's path
     max_depth: int | None = None  # reply trees: longest path kept
     same_role: str = "join"  # two turns of one role in a row: join them, or keep both
+    min_turns: int = 2  # a dialogue to train on needs two; a context to answer, one
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,15 +179,20 @@ def check_turns(
     roles: list[Role] | None = None,
     joined: int = 0,
     unit: str = "line",
+    minimum: int = 2,
 ) -> Record:
-    """A dialogue of these turns (stripped), or why it is not one."""
+    """A dialogue of these turns (stripped), or why it is not one (fewer than `minimum`
+    turns besides a system message, or an empty one)."""
     stripped = [t.strip() for t in turns]
     if not all(stripped):
         empty = stripped.index("") + 1
         return BadRecord("empty-turn", f"turn {empty} is empty", source, line, unit)
-    trained = len(stripped) if roles is None else sum(r != "system" for r in roles)
-    if trained < 2:
-        what = "turns" if roles is None else "turns besides the system message"
-        message = f"a dialogue needs at least 2 {what}, this one has {trained}"
+    # A dialogue to train on needs two turns besides a system message; a context to answer
+    # (minimum 1), any turn: a system message alone opens a chat.
+    trained = len(stripped) if roles is None or minimum < 2 else sum(r != "system" for r in roles)
+    if trained < minimum:
+        what = "turn" if minimum == 1 else "turns"
+        what += "" if roles is None or minimum < 2 else " besides the system message"
+        message = f"a dialogue needs at least {minimum} {what}, this one has {trained}"
         return BadRecord("one-turn", message, source, line, unit)
     return Dialogue(stripped, weights, source, line, roles, joined, unit)

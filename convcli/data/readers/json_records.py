@@ -264,4 +264,4 @@ def role_turns(
         turns.append(text.strip())
         kinds.append(role)
         weights.append(weight)
-    return check_turns(turns, weights, source, line, kinds, same, unit)
+    return check_turns(turns, weights, source, line, kinds, same, unit, options.min_turns)
