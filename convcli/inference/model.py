@@ -127,6 +127,11 @@ class ConversationModel:
         self.tokenizer = tokenizer
         self.meta = meta
         self.path = path
+        # Batched calls (MMI candidates, several contexts) on CPU use oneDNN-packed
+        # weights, made on first use; batch-1 calls run the model's own layers.
+        from convcli.inference.packed import pack_batched_linears
+
+        pack_batched_linears(model)
 
     @classmethod
     def from_pretrained(
