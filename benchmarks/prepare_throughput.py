@@ -1,6 +1,7 @@
 """Whole `prepare` tokens/s against raw `tokenizers` encode_batch, and peak memory at 1x/10x.
 
     python benchmarks/prepare_throughput.py [--turns 200000] [--scale 10] [--tokenizer DIR]
+        [--only tokenize|formats|memory|parquet-memory]
 
 On a generated corpus (JSONL, deterministic), measured in this process:
   baseline: the backend `tokenizers.Tokenizer.encode_batch` over every turn (its own threads);
@@ -12,6 +13,11 @@ Both are divided into the same count of text tokens; the ratio is prepare / base
 shared, so the ratio of each repeat is printed as well as the best times' ratio. Peak
 memory is measured in child processes (ru_maxrss of the process and of its tokenizer
 workers) on the corpus and on one `--scale` times larger.
+
+Formats: the same dialogues as chat-messages JSONL (user/assistant in turn) against the
+JSONL of turns, whole prepare each, back to back (ratio messages/jsonl, target >= 0.9);
+and peak memory of prepare on a Parquet file of them (a `messages` list-of-structs column,
+the heaviest shape) against one `--scale` times larger (target <= 1.2).
 """
 
 from __future__ import annotations
@@ -89,15 +95,15 @@ def main() -> None:
     )
     parser.add_argument("--tokenizer", default=str(GPT2) if GPT2.is_dir() else None)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
+    parser.add_argument(
+        "--only", choices=("tokenize", "formats", "memory", "parquet-memory"), default=None
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="convcli-bench-") as tmp:
         run(args, Path(tmp))
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
-    from convcli.data.prepare import PrepareSettings, prepare
-    from convcli.tokenizer import ConversationTokenizer
-
     corpus = work / "corpus.jsonl"
     turns = write_corpus(corpus, args.turns)
     if args.tokenizer is None:  # no GPT-2 vocabulary around: train one (not timed)
@@ -105,6 +111,20 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
         args.tokenizer = str(work / "tokenizer")
         train_bpe_tokenizer(turns, vocab_size=8000).save_pretrained(args.tokenizer)
+    if args.only in (None, "tokenize"):
+        tokenize(args, work, corpus, turns)
+    if args.only in (None, "memory"):
+        memory(args, work, corpus)
+    if args.only in (None, "formats"):
+        formats(args, work, corpus)
+    if args.only in (None, "parquet-memory"):
+        parquet_memory(args, work, corpus)
+
+
+def tokenize(args: argparse.Namespace, work: Path, corpus: Path, turns: list[str]) -> None:
+    from convcli.data.prepare import PrepareSettings, prepare
+    from convcli.tokenizer import ConversationTokenizer
+
     tokenizer = ConversationTokenizer.from_pretrained(args.tokenizer)
     backend = tokenizer.tokenizer.backend_tokenizer
     backend.encode_special_tokens = True  # as encode_turns does
@@ -144,6 +164,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
             f"{each}) (target >= 0.8)"
         )
 
+
+def memory(args: argparse.Namespace, work: Path, corpus: Path) -> None:
     if args.scale < 2:
         return
     big = work / "big.jsonl"
@@ -158,6 +180,69 @@ def run(args: argparse.Namespace, work: Path) -> None:
         print(f"peak RSS {label}: main {main_mib:.0f} MiB, each worker {worker_mib:.0f} MiB")
     total = [m["main_mib"] + 2 * m["worker_mib"] for m in (small_mem, big_mem)]
     print(f"peak memory ratio {args.scale}x/1x: {total[1] / total[0]:.2f} (target <= 1.2)")
+
+
+def as_messages(dialogue: list[str]) -> list[dict[str, str]]:
+    roles = ("user", "assistant")
+    return [{"role": roles[i % 2], "content": turn} for i, turn in enumerate(dialogue)]
+
+
+def formats(args: argparse.Namespace, work: Path, corpus: Path) -> None:
+    """Chat-messages JSONL against the JSONL of turns: the same dialogues, whole prepare."""
+    from convcli.data.prepare import PrepareSettings, prepare
+
+    messages = work / "messages.jsonl"
+    with open(corpus, encoding="utf-8") as f, open(messages, "w", encoding="utf-8") as out:
+        for line in f:
+            out.write(json.dumps({"messages": as_messages(json.loads(line))}) + "\n")
+    times: dict[str, list[float]] = {"jsonl": [], "messages": []}
+    tokens = {}
+    for i in range(args.repeats):
+        for name, path in (("jsonl", corpus), ("messages", messages)):
+            settings = PrepareSettings(
+                inputs=[str(path)], output=work / f"fmt-{name}{i}", tokenizer=args.tokenizer
+            )
+            start = time.perf_counter()
+            result = prepare(settings)
+            times[name].append(time.perf_counter() - start)
+            tokens[name] = result.tokens
+            assert result.formats == {str(path): name}, result.formats
+    assert tokens["jsonl"] == tokens["messages"], tokens  # the same dialogues, the same tokens
+    sizes = {n: p.stat().st_size / 2**20 for n, p in (("jsonl", corpus), ("messages", messages))}
+    for name, spent in times.items():
+        print(
+            f"prepare {name:9} {sizes[name]:6.1f} MiB: {tokens[name] / min(spent):10,.0f} "
+            f"tokens/s (best {min(spent):.2f}s, worst {max(spent):.2f}s of {len(spent)})"
+        )
+    each = " ".join(f"{j / m:.2f}" for j, m in zip(times["jsonl"], times["messages"], strict=True))
+    ratio = min(times["jsonl"]) / min(times["messages"])
+    print(f"ratio messages/jsonl throughput: {ratio:.2f} (best times; per repeat {each}) "
+          "(target >= 0.9)")  # fmt: skip
+
+
+def parquet_memory(args: argparse.Namespace, work: Path, corpus: Path) -> None:
+    """Peak memory of prepare on a Parquet file and on one `scale` times larger."""
+    if args.scale < 2:
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(corpus, encoding="utf-8") as f:
+        table = pa.table({"messages": [as_messages(json.loads(line)) for line in f]})
+    small, big = work / "corpus.parquet", work / "big.parquet"
+    pq.write_table(table, small)  # pyarrow's default row groups (up to 1M rows)
+    with pq.ParquetWriter(big, table.schema) as writer:
+        for _ in range(args.scale):
+            writer.write_table(table)
+    sizes = [p.stat().st_size / 2**20 for p in (small, big)]
+    mems = [peak_memory(p, work / f"pq-mem{i}", args.tokenizer) for i, p in enumerate((small, big))]
+    for label, size, mem in zip((" 1x", f"{args.scale}x"), sizes, mems, strict=True):
+        print(
+            f"parquet {label} ({size:.1f} MiB, {len(table) * int(label.strip()[:-1])} rows): "
+            f"peak RSS main {mem['main_mib']:.0f} MiB, each worker {mem['worker_mib']:.0f} MiB"
+        )
+    total = [m["main_mib"] + 2 * m["worker_mib"] for m in mems]
+    print(f"parquet peak memory ratio {args.scale}x/1x: {total[1] / total[0]:.2f} (target <= 1.2)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ at least 1") and list them in `params`; the CLI shows them as its flags (`--num-
 
 from __future__ import annotations
 
+import errno
+
 
 class ConvcliError(Exception):
     """A problem with the user's input, files or options (exit code 1).
@@ -45,3 +47,27 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (libraries' errors can run for pages)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# OS faults a user can fix (space, permissions, a wrong kind of path): one line naming the
+# path, not a traceback. Others (EIO, ...) are not the user's to fix and keep theirs.
+OS_FAULTS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this filesystem",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EISDIR: "is a directory, not a file",
+    errno.ENOTDIR: "a part of this path is not a directory",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def os_fault(exc: BaseException) -> str | None:
+    """The one line for an OS fault a user can fix, naming its path; None for others."""
+    if not isinstance(exc, OSError) or exc.errno not in OS_FAULTS:
+        return None
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    hint = "; free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{where}{OS_FAULTS[exc.errno]}{hint}"

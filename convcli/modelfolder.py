@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convcli import __version__
-from convcli.errors import ConvcliError, UsageError, first_line
+from convcli.errors import ConvcliError, first_line
+from convcli.loadgate import (
+    TRUST,
+    check_model_config,
+    check_name,
+    check_no_code,
+    model_folder,
+)
+from convcli.outputs import write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +91,8 @@ class LoadedModel:
     tokenizer: ConversationTokenizer
     meta: ModelMeta
     path: str
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about what was loaded (a run directory's final/ used)."""
 
 
 @contextlib.contextmanager
@@ -105,15 +111,15 @@ def quiet_weight_bars() -> Iterator[None]:
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """`None` or "auto" picks CUDA when present, else CPU."""
+    """`None` or "auto" picks CUDA when present, else CPU; others are checked first."""
     import torch
+
+    from convcli.loadgate import check_device
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ConvcliError(f"unknown device {device!r}: {exc}") from exc
+    check_device(device)
+    return torch.device(device)
 
 
 def read_meta(name_or_path: str | Path, tokenizer: ConversationTokenizer) -> ModelMeta:
@@ -152,9 +158,10 @@ def load_model_folder(
 
     from convcli.tokenizer import ConversationTokenizer
 
-    path = Path(name_or_path)
-    if not path.exists() and not _looks_like_hub_id(str(name_or_path)):
-        raise ConvcliError(f"model folder not found: {name_or_path}")
+    target = resolve_device(device)  # a device this machine lacks: one line, before loading
+    resolved, notes = model_folder(name_or_path)
+    check_name(resolved)
+    path = Path(resolved)
     if path.is_file():
         raise ConvcliError(
             f"{name_or_path} is a file, not a model folder"
@@ -164,11 +171,19 @@ def load_model_folder(
                 else ""
             )
         )
+    if path.is_dir():
+        check_no_code(path)
+        check_model_config(path)
+    else:
+        check_hub_config(resolved)
+    name_or_path = resolved
     tokenizer = ConversationTokenizer.from_pretrained(name_or_path)
     meta = read_meta(name_or_path, tokenizer)
     try:
         with quiet_weight_bars():
-            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto")
+            model = AutoModelForCausalLM.from_pretrained(
+                str(name_or_path), dtype=dtype or "auto", **TRUST
+            )
     except (OSError, ValueError) as exc:
         raise ConvcliError(f"cannot load model {str(name_or_path)!r}: {first_line(exc)}") from exc
     rows = model.get_input_embeddings().weight.shape[0]
@@ -177,17 +192,22 @@ def load_model_folder(
             f"{name_or_path}: the tokenizer has {len(tokenizer)} tokens but the model only "
             f"{rows} embeddings; they do not belong together"
         )
-    model.to(resolve_device(device)).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, meta=meta, path=str(name_or_path))
+    model.to(target).eval()
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, meta=meta, path=str(name_or_path), notes=notes
+    )
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    """`gpt2` or `org/name`; anything else that does not exist is a missing folder, and so
-    is `runs/mdl` when a local `runs/` exists (a typo, not a hub organisation)."""
-    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is None or name.startswith("."):
-        return False
-    parent = Path(name).parent
-    return parent == Path(".") or not parent.is_dir()
+def check_hub_config(name: str) -> None:
+    """A hub model's config.json, checked like a folder's before its weights download."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(name, "config.json"))
+    except Exception as exc:  # hub errors are many; all mean "cannot use it"
+        raise ConvcliError(f"cannot load model {name!r}: {first_line(exc)}") from None
+    check_no_code(path.parent)
+    check_model_config(path.parent)
 
 
 def save_model_folder(
@@ -223,47 +243,3 @@ def save_model_folder(
             (tmp / name).write_text(text, encoding="utf-8")
 
     return write_atomically(output, write, overwrite=overwrite)
-
-
-def refuse_to_replace_inputs(output: str | Path, inputs: Sequence[str | Path]) -> None:
-    """An output folder that is, or contains, one of the inputs would destroy it."""
-    out = Path(output).expanduser().resolve()
-    for item in inputs:
-        source = Path(item).expanduser().resolve()
-        if out == source or out in source.parents:
-            raise UsageError(f"`output` {output} would replace the input {item}", param="output")
-
-
-def write_atomically(
-    output: str | Path, write: Callable[[Path], None], *, overwrite: bool = False
-) -> Path:
-    """Build a directory in a temporary sibling and move it into place when complete.
-
-    A crash leaves only a hidden `.NAME.tmp-*` sibling, never a half-written `output`.
-    """
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise ConvcliError(
-            f"{output} already exists (pass `overwrite` to replace it)", param="overwrite"
-        )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        write(tmp)
-        for file in tmp.rglob("*"):  # some writers (safetensors via tempfile) make 0600 files
-            if file.is_file():
-                file.chmod(0o666 & ~umask)
-        if output.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            output.rename(trash / output.name)
-            tmp.rename(output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output

@@ -244,7 +244,14 @@ def load_hf_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:
     """`AutoTokenizer.from_pretrained`, plus bare GPT-2 vocab folders, with a clear error."""
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
+    from convcli.loadgate import TRUST, check_name, check_no_code, check_tokenizer_files
+
     path = Path(name_or_path)
+    check_name(name_or_path, "tokenizer")
+    if path.is_dir():
+        check_no_code(path)
+        check_tokenizer_files(path)
+    kwargs = {**kwargs, **TRUST}
     bare_gpt2 = (
         path.is_dir()
         and (path / "vocab.json").is_file()

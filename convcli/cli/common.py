@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from convcli.errors import ConvcliError, UsageError
+from convcli.errors import ConvcliError, UsageError, os_fault
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,7 +23,9 @@ def friendly_errors(command: F) -> F:
     """Turn a user's mistake into one line on stderr and an exit code, no traceback.
 
     UsageError exits 2 (like click's own usage errors), other ConvcliErrors 1,
-    Ctrl-C 130. Anything else is a bug and keeps its traceback.
+    Ctrl-C 130, OS faults a user can fix (full disk, read-only or forbidden folder, a
+    folder where a file belongs) 1 with the path. Anything else is a bug and keeps its
+    traceback.
     """
 
     @functools.wraps(command)
@@ -37,8 +39,14 @@ def friendly_errors(command: F) -> F:
             info(f"error: {exc}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            info("interrupted")
+            info("\ninterrupted")  # on a fresh line: a progress bar may hold this one
             raise typer.Exit(130) from None
+        except OSError as exc:
+            line = os_fault(exc)
+            if line is None:
+                raise
+            info(f"error: {line}")
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -34,14 +34,8 @@ from convcli.conversion.gpt2 import (
 )
 from convcli.conversion.settings import DTYPES
 from convcli.errors import ConvcliError, UsageError
-from convcli.modelfolder import (
-    META_FILE,
-    ModelMeta,
-    quiet_weight_bars,
-    refuse_to_replace_inputs,
-    save_model_folder,
-    write_atomically,
-)
+from convcli.modelfolder import META_FILE, ModelMeta, quiet_weight_bars, save_model_folder
+from convcli.outputs import check_output, hold_output, recover_leftovers, write_atomically
 
 if TYPE_CHECKING:
     from convcli.tokenizer import ConversationTokenizer
@@ -119,17 +113,37 @@ def convert_checkpoint(
     unless the whole folder was written (and verified). `extra_files` (name: text) are
     written into the folder with it (the CLI's resolved settings).
     """
-    import torch
-
     path, output = Path(checkpoint), Path(output)
     report_progress = progress or (lambda stage, done, total: None)
     if dtype not in DTYPES:
         raise UsageError(f"`dtype` {dtype!r} is not one of {', '.join(DTYPES)}", param="dtype")
-    if output.exists() and not overwrite:
-        raise ConvcliError(
-            f"{output} already exists (pass `overwrite` to replace it)", param="overwrite"
-        )
-    refuse_to_replace_inputs(output, [path])
+    with hold_output(output):  # for the whole run: a second convert here fails at once
+        recover_leftovers(output)
+        check_output(output, "convert", overwrite=overwrite, inputs=[path])
+        return _convert(
+            path, output, report_progress, tokenizer=tokenizer, dtype=dtype, reverse=reverse,
+            n_head=n_head, n_layer=n_layer, n_embd=n_embd, verify=verify, overwrite=overwrite,
+            extra_files=extra_files,
+        )  # fmt: skip
+
+
+def _convert(
+    path: Path,
+    output: Path,
+    report_progress: Progress,
+    *,
+    tokenizer: str | Path | None,
+    dtype: str,
+    reverse: bool,
+    n_head: int | None,
+    n_layer: int | None,
+    n_embd: int | None,
+    verify: bool,
+    overwrite: bool,
+    extra_files: dict[str, str] | None,
+) -> ConversionReport:
+    import torch
+
     tok = _tokenizer(tokenizer) if tokenizer is not None else None  # fail before the big load
 
     report_progress("load", 0, 1)
@@ -248,7 +262,7 @@ def convert_checkpoint(
             (tmp / META_FILE).write_text(meta.to_json() + "\n", encoding="utf-8")
 
     with quiet_weight_bars():
-        written = write_atomically(output, write, overwrite=overwrite)
+        written = write_atomically(output, write, overwrite=overwrite, command="convert")
     return ConversionReport(
         path=written,
         source=str(path),
@@ -299,7 +313,12 @@ def _recorded_tokenizer(ckpt: Checkpoint, path: Path, notes: list[str]) -> Conve
         with tempfile.TemporaryDirectory(prefix="convcli-tokenizer-") as tmp:
             for name, data in ckpt.tokenizer_files.items():
                 (Path(tmp) / name).write_bytes(data)
-            return _tokenizer(tmp)
+            try:
+                return _tokenizer(tmp)
+            except ConvcliError as exc:  # name the checkpoint, not our temporary folder
+                raise ConvcliError(
+                    str(exc).replace(tmp, f"the tokenizer kept in {path}"), param=exc.params
+                ) from None
     named = hparam(ckpt.hparams, "tokenizer", "tokenizer_path", "tokenizer_name_or_path")
     if isinstance(named, (str, Path)):
         return _tokenizer(named)

@@ -78,7 +78,7 @@ def verify_folder(
     if saved != dtype:
         raise ConvcliError(f"verification failed: the folder's config says {saved}, not {dtype}")
     model, info = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=torch.float32, output_loading_info=True
+        str(folder), dtype=torch.float32, output_loading_info=True, trust_remote_code=False
     )
     problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
     if problems:

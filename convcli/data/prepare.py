@@ -42,7 +42,13 @@ from convcli.data.readers import (
 from convcli.data.readers.corpus import input_bytes
 from convcli.data.shards import SPLITS, TOKENIZER_DIR, ShardWriter, ids_dtype, write_manifest
 from convcli.errors import ConvcliError, UsageError
-from convcli.modelfolder import refuse_to_replace_inputs, write_atomically
+from convcli.outputs import (
+    check_output,
+    hold_output,
+    recover_leftovers,
+    refuse_to_replace_inputs,
+    write_atomically,
+)
 from convcli.settings import to_dict, to_yaml
 from convcli.tokenizer import ConversationTokenizer
 
@@ -77,19 +83,21 @@ def prepare(settings: PrepareSettings, progress: Progress | None = None) -> Prep
     _check(settings)
     assert settings.output is not None
     output = Path(settings.output)
-    if output.exists() and not settings.overwrite:
-        raise ConvcliError(
-            f"{output} already exists (pass `overwrite` to replace it)", param="overwrite"
-        )
     started = time.perf_counter()
     # Every input's format is found (or refused) before any work.
     corpus = Corpus(settings.inputs, settings.format, read_options(settings))
     results: list[PrepareResult] = []
-    write_atomically(
-        output,
-        lambda tmp: results.append(_prepare_into(tmp, settings, corpus, progress or _no_progress)),
-        overwrite=settings.overwrite,
-    )
+    with hold_output(output):  # for the whole run: a second prepare here fails at once
+        recover_leftovers(output)
+        check_output(output, "prepare", overwrite=settings.overwrite, inputs=settings.inputs)
+        write_atomically(
+            output,
+            lambda tmp: results.append(
+                _prepare_into(tmp, settings, corpus, progress or _no_progress)
+            ),
+            overwrite=settings.overwrite,
+            command="prepare",
+        )
     result = results[0]
     result.output = output
     result.seconds = time.perf_counter() - started

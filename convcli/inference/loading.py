@@ -32,20 +32,24 @@ def load_models(
 
     from convcli.inference.mmi import MMIReranker
     from convcli.inference.model import ConversationModel
+    from convcli.loadgate import check_device
 
     mmi = mmi or MMISettings()
     runtime = runtime or RuntimeSettings()
+    check_device(runtime.device)  # before anything loads: one line, exit 2
     set_threads(runtime.threads)
     # transformers' advice and weight-loading bars are noise for a front end.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     notes: list[str] = []
     forward = ConversationModel.from_pretrained(model, device=runtime.device)
+    notes.extend(forward.notes)
     if forward.meta.reverse:
         notes.append(f"{model} is marked as a reverse model; its replies will read backwards")
     if mmi.reverse_model is None:
         return forward, None, notes
     reverse = ConversationModel.from_pretrained(mmi.reverse_model, device=runtime.device)
+    notes.extend(reverse.notes)
     if not reverse.meta.reverse:
         notes.append(f"{mmi.reverse_model} is not marked as a reverse model (convcli.json)")
     reranker = MMIReranker(

@@ -127,6 +127,7 @@ class ConversationModel:
         self.tokenizer = tokenizer
         self.meta = meta
         self.path = path
+        self.notes: list[str] = []
         # Batched calls (MMI candidates, several contexts) on CPU use oneDNN-packed
         # weights, made on first use; batch-1 calls run the model's own layers.
         from convcli.inference.packed import pack_batched_linears
@@ -145,7 +146,9 @@ class ConversationModel:
         `device=None` picks CUDA when present, else CPU.
         """
         loaded: LoadedModel = load_model_folder(path, device=device, dtype=dtype)
-        return cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path)
+        model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path)
+        model.notes = loaded.notes  # e.g. a run directory's final/ was used
+        return model
 
     # -- properties -------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from convcli.data.shards import Shards
 from convcli.errors import ConvcliError, UsageError
+from convcli.outputs import MARKER, is_output_of, refuse_system_folder, write_marker
 from convcli.tokenizer import ConversationTokenizer
 from convcli.training.callbacks import step_checkpoints
 from convcli.training.settings import PRESETS as PRESET_NAMES
@@ -93,12 +94,37 @@ def find_checkpoint(s: TrainSettings) -> Path | None:
     return found[-1][1]
 
 
+RUN_PARTS = (CHECKPOINTS, "final", "best", "logs")
+"""What a run writes in its directory; `overwrite` removes these and nothing else."""
+
+
+def check_run_inputs(s: TrainSettings) -> None:
+    """The run directory's parts are rewritten (final/, best/) or, with `overwrite`,
+    deleted: a `model` or `data` inside them would be destroyed by this very run."""
+    assert s.output is not None
+    refuse_system_folder(s.output)
+    run = s.output.expanduser().resolve()
+    named = {"model": s.model, "data": s.data}
+    for param, value in named.items():
+        if value is None or not Path(value).exists():
+            continue  # a hub name
+        source = Path(value).expanduser().resolve()
+        parts = [run / part for part in RUN_PARTS]
+        if source == run or any(source == p or p in source.parents for p in parts):
+            raise UsageError(
+                f"`{param}` {value} lies in the run directory `output` {s.output}, which this "
+                f"run rewrites; copy it elsewhere or choose another `output`",
+                param=(param, "output"),
+            )
+
+
 def prepare_output(s: TrainSettings, resuming: bool) -> None:
-    """Refuse to mix two runs in one directory; `overwrite` clears the old one."""
+    """Refuse to mix two runs in one directory; `overwrite` clears the old one's parts,
+    and only when the directory is a previous run (its marker)."""
     assert s.output is not None
     if s.output.exists() and not s.output.is_dir():
         raise ConvcliError(f"`output`: {s.output} is a file, not a directory", param="output")
-    old = [s.output / n for n in (CHECKPOINTS, "final", "logs") if (s.output / n).exists()]
+    old = [s.output / n for n in RUN_PARTS if (s.output / n).exists()]
     if old and not resuming:
         if not s.overwrite:
             raise ConvcliError(
@@ -106,9 +132,17 @@ def prepare_output(s: TrainSettings, resuming: bool) -> None:
                 "or `overwrite` to start over",
                 param=("resume", "overwrite"),
             )
-        for path in [*old, s.output / "best"]:
+        if not is_output_of(s.output, "train"):
+            raise ConvcliError(
+                f"{s.output} holds {', '.join(p.name for p in old)} but is not a previous run "
+                f"of `convcli train` (no {MARKER}); refusing to delete them: choose another "
+                "`output` or remove them yourself",
+                param="output",
+            )
+        for path in old:
             shutil.rmtree(path, ignore_errors=True)
     s.output.mkdir(parents=True, exist_ok=True)
+    write_marker(s.output, "train")
 
 
 def check_vocabulary(

@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 
 from convcli.errors import ConvcliError, UsageError
 from convcli.modelfolder import ModelMeta, load_model_folder
+from convcli.outputs import hold_output
 from convcli.settings import to_dict, to_yaml
 from convcli.tokenizer import ConversationTokenizer
 from convcli.training.batching import BatchPlan, padding_fraction
@@ -35,6 +36,7 @@ from convcli.training.callbacks import BestFolder, Reseed, StderrProgressBar, St
 from convcli.training.checks import (
     CHECKPOINTS,
     check_resume,
+    check_run_inputs,
     check_settings,
     check_vocabulary,
     data_identity,
@@ -188,12 +190,28 @@ def train(
     `report` receives short progress lines (rank 0 only); `callbacks` are extra
     Lightning callbacks (tests use one to simulate a crash).
     """
-    from transformers.utils import logging as hf_logging
-
-    started = time.monotonic()
-    hf_logging.disable_progress_bar()  # one bar (Lightning's) is enough
     check_settings(s)
     assert s.data is not None and s.output is not None
+    check_run_inputs(s)
+    # The run directory is locked for the whole run (rank 0 of the launching process only:
+    # the processes Lightning starts run this again, inside the same run).
+    lock = hold_output(s.output) if _rank_zero_before_launch() else contextlib.nullcontext()
+    with lock:
+        return _train(s, report=report, callbacks=callbacks, progress=progress)
+
+
+def _train(
+    s: TrainSettings,
+    *,
+    report: Callable[[str], None] | None,
+    callbacks: Sequence[pl.Callback],
+    progress: bool,
+) -> TrainResult:
+    from transformers.utils import logging as hf_logging
+
+    assert s.data is not None and s.output is not None
+    started = time.monotonic()
+    hf_logging.disable_progress_bar()  # one bar (Lightning's) is enough
     say = report if report and _rank_zero_before_launch() else (lambda _: None)
     shards, tokenizer = open_shards(s.data)
     checkpoint = find_checkpoint(s)

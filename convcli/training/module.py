@@ -62,6 +62,9 @@ class ConversationLM(pl.LightningModule):
         if model is None:  # rebuilt from hyper_parameters (e.g. load_from_checkpoint)
             from transformers import AutoConfig, AutoModelForCausalLM
 
+            from convcli.loadgate import check_model_type
+
+            check_model_type(config, "the checkpoint's model config")  # nothing foreign built
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
         self.model = model
         # Decided now, on the real shapes: under FSDP the parameters later are flat shards.

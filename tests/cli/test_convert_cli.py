@@ -80,6 +80,8 @@ def test_bad_file_is_one_line_and_exit_1(tmp_path, tiny_tokenizer_dir):
 def test_existing_output_is_refused_without_overwrite(pkl, tmp_path, tiny_tokenizer_dir):
     (tmp_path / "out").mkdir()
     args = convert_args(pkl, tmp_path / "out", tiny_tokenizer_dir)
+    into_empty = runner.invoke(app, [*args, "--n-head", "4", "--no-verify"])
+    assert into_empty.exit_code == 0, into_empty.stderr  # an empty folder is a fine output
 
     refused = runner.invoke(app, args)
     replaced = runner.invoke(app, [*args, "--overwrite", "--n-head", "4", "--no-verify"])

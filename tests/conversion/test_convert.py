@@ -13,6 +13,7 @@ import torch
 from convcli.conversion.convert import convert_checkpoint
 from convcli.errors import ConvcliError, UsageError
 from convcli.modelfolder import load_model_folder
+from convcli.outputs import MARKER, write_marker
 from tests.conftest import tiny_gpt2
 
 IDS = torch.tensor([[0, 5, 17, 42, 0, 99, 3, 0]])
@@ -347,6 +348,13 @@ def test_an_existing_output_needs_overwrite(model, tmp_path, tiny_tokenizer_dir)
     with pytest.raises(ConvcliError, match="already exists \\(pass `overwrite`"):
         convert_checkpoint(ckpt, tmp_path / "out", tokenizer=tiny_tokenizer_dir, n_head=4)
     assert (tmp_path / "out" / "old.txt").exists()
+    # `overwrite` replaces only a previous output of convert (its marker), nothing else.
+    with pytest.raises(ConvcliError, match="not a previous output of `convcli convert`"):
+        convert_checkpoint(
+            ckpt, tmp_path / "out", tokenizer=tiny_tokenizer_dir, n_head=4, overwrite=True
+        )
+    assert (tmp_path / "out" / "old.txt").exists()
+    write_marker(tmp_path / "out", "convert")
 
     convert_checkpoint(
         ckpt, tmp_path / "out", tokenizer=tiny_tokenizer_dir, n_head=4, overwrite=True
@@ -378,13 +386,14 @@ def test_a_verification_mismatch_leaves_the_old_folder_alone(
     ckpt = save(dialogpt_state(model), tmp_path / "m.pkl")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
+    write_marker(tmp_path / "out", "convert")
 
     with pytest.raises(ConvcliError, match="verification failed: the folder's logits differ"):
         convert_checkpoint(
             ckpt, tmp_path / "out", tokenizer=tiny_tokenizer_dir, n_head=4, overwrite=True
         )
 
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "old.txt"]
     assert leftovers(tmp_path, set()) == ["m.pkl", "out"]
 
 

@@ -14,6 +14,7 @@ from convcli.data import prepare as prepare_module
 from convcli.data.examples import lay_out, sliding_windows
 from convcli.data.prepare import PrepareSettings, prepare
 from convcli.errors import InputError
+from convcli.outputs import MARKER
 from convcli.tokenizer import LOSS_RESPONSE, LOSS_WEIGHTED, layout
 from tests.conftest import DIALOGUES
 
@@ -78,7 +79,7 @@ def test_one_and_two_workers_write_identical_files(tmp_path, tiny_tokenizer_dir,
     assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
     assert len([f for f in files if f.suffix == ".bin"]) == 8
     for name in files:
-        if name.name in ("manifest.json", "prepare.yaml"):
+        if name.name in ("manifest.json", "prepare.yaml", MARKER):  # the marker: pid, time
             continue
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     # The manifest and settings differ only where the settings do: workers and output.

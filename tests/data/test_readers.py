@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import numpy as np
 import pytest
@@ -254,3 +255,21 @@ def test_a_file_no_format_fits_is_refused_with_the_formats_and_the_way_out(tmp_p
     assert "Pass `format` text to read it as plain text" in message
     assert caught.value.params == ("format",)
     assert [d.turns for d in records(path, format="text")] == [path.read_text().splitlines()]
+
+
+def test_the_readme_format_table_examples_read_as_their_format(tmp_path):
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^  \| `(\w+)` \| `\.(\w+)`[^|]*\| `([^`]+)`", readme, flags=re.M)
+    checked = []
+    for name, ext, line in rows:
+        if name in ("text", "transcript"):
+            continue  # their examples span lines
+        path = tmp_path / f"{name}.{ext}"
+        path.write_text(line.replace("<TAB>", "\t") + "\n", encoding="utf-8")
+        corpus = Corpus([str(path)])
+        assert corpus.formats == {str(path): name}
+        assert all(isinstance(r, Dialogue) for r in corpus), name
+        checked.append(name)
+    assert checked == ["jsonl", "messages", "sharegpt", "tsv"]

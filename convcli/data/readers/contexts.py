@@ -30,7 +30,7 @@ class Context:
 def parse_context(text: str, *, path: str, line: int | None) -> Context:
     """A JSON text as a `Context`, or an `InputError` naming the file and line."""
     try:
-        value = json.loads(text)
+        value = json.loads(text.rstrip("\r\n"))  # a line's end is not part of its columns
     except ValueError as exc:
         raise InputError(json_error(exc), path=path, line=line) from None
     return context_of(value, path=path, line=line)
