@@ -26,7 +26,8 @@ from convcli.tokenizer import ConversationTokenizer, layout
 from convcli.training.batching import BatchPlan, BucketBatchSampler, epoch_batches, padding_fraction
 from convcli.training.datamodule import Collate, TrainingExamples
 from convcli.training.fit import PRESETS, train
-from convcli.training.module import lr_factor, token_loss
+from convcli.training.module import token_loss
+from convcli.training.schedule import choose_schedule, lr_factor
 from convcli.training.settings import TrainSettings
 
 BATCH_TOKENS = 2048
@@ -105,9 +106,10 @@ def plain_run(shards: Path, steps: int, warm: int) -> tuple[int, float]:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=s.learning_rate)
+    chosen = choose_schedule(s.learning_rate, s.warmup_steps, s.preset, steps)
+    optimizer = torch.optim.AdamW(groups, lr=chosen.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: lr_factor(i, s.warmup_steps, steps, s.schedule)
+        optimizer, lambda i: lr_factor(i, chosen.warmup_steps, steps, s.schedule)
     )
     dataset = TrainingExamples(shards, "train", tokenizer.sep_token_id, max_length=512)
     sampler = BucketBatchSampler(dataset.lengths(), BatchPlan(batch_tokens=BATCH_TOKENS), seed=SEED)

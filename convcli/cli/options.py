@@ -54,7 +54,12 @@ def flag(name: str) -> str:
 
 def help_text(doc: str) -> str:
     """A field docstring as option help: `name` in backquotes becomes its flag."""
-    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag(m.group(1)), " ".join(doc.split()))
+    return with_flags(" ".join(doc.split()))
+
+
+def with_flags(text: str) -> str:
+    """A core message for the command line: each `name` in backquotes becomes its flag."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag(m.group(1)), text)
 
 
 def _split_optional(hint: Any) -> tuple[Any, bool]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import EarlyStopping, TQDMProgressBar
 
 from convcli.training.module import ConversationLM
 
@@ -64,7 +64,7 @@ class Reseed(pl.Callback):
 
 
 class BestFolder(pl.Callback):
-    """Export `best/` whenever the validation loss improves.
+    """Export `best/` whenever the validation loss improves, and remember the history.
 
     Runs on every rank: the export gathers sharded weights collectively (rank 0 writes).
     The validation loss is already reduced across ranks, so all ranks decide alike.
@@ -73,22 +73,46 @@ class BestFolder(pl.Callback):
     def __init__(self, export: Callable[[str, ConversationLM, pl.Trainer], Any]) -> None:
         self.export = export
         self.best: float | None = None
+        self.best_step = -1
         self.last_val_step = -1
+        self.history: list[tuple[int, float]] = []  # (step, validation loss)
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         assert isinstance(module, ConversationLM)
         if trainer.sanity_checking or module.val_loss is None:
             return
-        self.last_val_step = trainer.global_step
+        step = trainer.global_step
+        self.last_val_step = step
+        if not self.history or self.history[-1][0] != step:
+            self.history.append((step, module.val_loss))
         if self.best is None or module.val_loss < self.best:
-            self.best = module.val_loss
+            self.best, self.best_step = module.val_loss, step
             self.export("best", module, trainer)
 
+    def validations_since_best(self) -> int:
+        """How many validations after the best one (0: the last was the best)."""
+        return sum(1 for step, _ in self.history if step > self.best_step)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
+        return {"best": self.best, "best_step": self.best_step, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")
+        self.best_step = state.get("best_step", -1)
+        self.history = [tuple(h) for h in state.get("history", [])]  # type: ignore[misc]
+
+
+class EarlyStop(EarlyStopping):
+    """Lightning's EarlyStopping on the validation loss, remembering the step it stopped at."""
+
+    def __init__(self, patience: int) -> None:
+        super().__init__(monitor="val_loss", patience=patience, mode="min", strict=False)
+        self.stopped_step: int | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, module)
+        if trainer.should_stop and self.wait_count >= self.patience and self.stopped_step is None:
+            self.stopped_step = trainer.global_step
 
 
 class StderrProgressBar(TQDMProgressBar):

@@ -45,7 +45,7 @@ def check_settings(s: TrainSettings) -> None:
         "val_every": s.val_every, "save_every": s.save_every,
         "keep_checkpoints": s.keep_checkpoints, "num_nodes": s.num_nodes,
         "batch_size": s.batch_size or 1, "max_steps": s.max_steps or 1,
-        "max_epochs": s.max_epochs or 1,
+        "max_epochs": s.max_epochs or 1, "early_stop": 1 if s.early_stop is None else s.early_stop,
     }  # fmt: skip
     for name, value in positive.items():
         if value < 1:
@@ -55,7 +55,9 @@ def check_settings(s: TrainSettings) -> None:
         # with nothing before it, and the source (the target of MMI) would never be trained.
         raise UsageError("`reverse` cannot use `train_on` weights: use responses (the default)",
                          param=("reverse", "train_on"))  # fmt: skip
-    if s.learning_rate <= 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.warmup_steps < 0:
+    learning_rate = 1.0 if s.learning_rate is None else s.learning_rate
+    warmup = s.warmup_steps or 0
+    if learning_rate <= 0 or s.weight_decay < 0 or s.grad_clip < 0 or warmup < 0:
         names = ("learning_rate", "weight_decay", "grad_clip", "warmup_steps")
         raise UsageError("`learning_rate` must be > 0; `weight_decay`, `grad_clip`, "
                          "`warmup_steps` must be >= 0", param=names)  # fmt: skip
@@ -172,6 +174,10 @@ def data_identity(shards: Shards) -> dict[str, Any]:
     }
 
 
+def _shown(value: Any) -> str:
+    return "default" if value is None else str(value)
+
+
 def check_resume(
     path: Path,
     s: TrainSettings,
@@ -208,7 +214,8 @@ def check_resume(
         changed.append("token_types")
     if changed:
         what = ", ".join(
-            f"`{k}` {old.get(k, old_types)} (now {now.get(k, token_types)})" for k in changed
+            f"`{k}` {_shown(old.get(k, old_types))} (now {_shown(now.get(k, token_types))})"
+            for k in changed
         )
         raise ConvcliError(
             f"`resume`: {path} was trained with {what}; resume with the same settings, or "

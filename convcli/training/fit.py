@@ -32,7 +32,13 @@ from convcli.outputs import hold_output
 from convcli.settings import to_dict, to_yaml
 from convcli.tokenizer import ConversationTokenizer
 from convcli.training.batching import BatchPlan, padding_fraction
-from convcli.training.callbacks import BestFolder, Reseed, StderrProgressBar, StepCheckpoints
+from convcli.training.callbacks import (
+    BestFolder,
+    EarlyStop,
+    Reseed,
+    StderrProgressBar,
+    StepCheckpoints,
+)
 from convcli.training.checks import (
     CHECKPOINTS,
     check_resume,
@@ -47,6 +53,7 @@ from convcli.training.checks import (
 from convcli.training.datamodule import ConversationData
 from convcli.training.export import FolderExport, tokenizer_files
 from convcli.training.module import ConversationLM
+from convcli.training.schedule import Schedule
 from convcli.training.settings import TrainSettings
 
 # GPT-2 shapes. tiny is for trying things out on a laptop (~1M parameters with a small
@@ -59,6 +66,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024},
 }
 CONFIG_FILE = "train.yaml"
+# Below this many training tokens per parameter, a model from scratch memorises instead of
+# learning language (compute-optimal training uses ~20).
+SMALL_CORPUS_TOKENS_PER_PARAM = 2.0
 
 
 @dataclass
@@ -74,6 +84,14 @@ class TrainResult:
     best: Path | None
     padding: float
     is_global_zero: bool
+    best_step: int | None = None
+    """The step whose weights best/ holds (lowest validation loss)."""
+    best_val_loss: float | None = None
+    worse_since_best: int = 0
+    """Validations after the best one (all worse): > 0 means the loss stopped improving."""
+    stopped_early: bool = False
+    """The run ended because of `early_stop`, before `max_steps`/`max_epochs`."""
+    schedule: Schedule | None = None
 
     @property
     def val_ppl(self) -> float | None:
@@ -162,6 +180,10 @@ def _quiet_lightning() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+def _silent(line: str) -> None:
+    """A report that says nothing (module-level: a spawned process must pickle it)."""
+
+
 def _logger(s: TrainSettings) -> Any:
     assert s.output is not None
     if s.logger == "tensorboard":
@@ -212,7 +234,7 @@ def _train(
     assert s.data is not None and s.output is not None
     started = time.monotonic()
     hf_logging.disable_progress_bar()  # one bar (Lightning's) is enough
-    say = report if report and _rank_zero_before_launch() else (lambda _: None)
+    say = report if report and _rank_zero_before_launch() else _silent
     shards, tokenizer = open_shards(s.data)
     checkpoint = find_checkpoint(s)
     pl.seed_everything(s.seed, workers=True, verbose=False)
@@ -248,6 +270,9 @@ def _train(
         f"on {len(lengths)} examples ({int(lengths.sum())} tokens), "
         f"padding {padding:.1%}" + (f"; resuming from {checkpoint}" if checkpoint else "")
     )
+    note = small_corpus_note(s, int(lengths.sum()), params)
+    if note and checkpoint is None:
+        say(note)
 
     yaml_text = to_yaml(s, header="convcli train: the resolved settings of this model")
 
@@ -256,6 +281,14 @@ def _train(
     )
     best = BestFolder(export)
     has_valid = data.valid is not None
+    if s.early_stop is not None and not has_valid:
+        raise UsageError(
+            f"`early_stop` needs a validation split, and {s.data} has none "
+            "(prepare with a validation fraction)",
+            param="early_stop",
+        )
+    early = [EarlyStop(patience=s.early_stop)] if s.early_stop is not None else []
+    module.report = say
     max_epochs = s.max_epochs if s.max_epochs is not None else (1 if s.max_steps is None else -1)
     with _quiet_lightning():
         try:
@@ -278,6 +311,7 @@ def _train(
                     StepCheckpoints(s.output / CHECKPOINTS, s.save_every, s.keep_checkpoints),
                     Reseed(s.seed),
                     best,
+                    *early,
                     *([StderrProgressBar()] if progress else []),
                     *callbacks,
                 ],
@@ -317,4 +351,23 @@ def _train(
         best=s.output / "best" if has_best else None,
         padding=padding,
         is_global_zero=trainer.is_global_zero,
+        best_step=best.best_step if best.best is not None else None,
+        best_val_loss=best.best,
+        worse_since_best=best.validations_since_best(),
+        stopped_early=bool(early) and early[0].stopped_step is not None,
+        schedule=module.schedule,
+    )
+
+
+def small_corpus_note(s: TrainSettings, tokens: int, params: int) -> str | None:
+    """A note when a model from scratch has far too little text for its size."""
+    ratio = tokens / max(params, 1)
+    if s.preset is None or ratio >= SMALL_CORPUS_TOKENS_PER_PARAM:
+        return None
+    return (
+        f"note: {tokens:,} training tokens for {params / 1e6:.1f}M parameters "
+        f"({ratio:.2g} tokens per parameter): from scratch, a model needs ~20 per parameter "
+        "to learn language and will mostly memorise this corpus (watch the validation loss). "
+        "Fine-tuning a pretrained model learns far more from it: `model` gpt2 or a converted "
+        "DialoGPT folder, with shards prepared with that model's tokenizer"
     )

@@ -8,6 +8,7 @@ the Hugging Face config dict and the ModelMeta fields.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from convcli.errors import ConvcliError
 from convcli.training.datamodule import IGNORE
+from convcli.training.schedule import Schedule, choose_schedule, lr_factor
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,15 +33,6 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
         reduction="sum",
     )
     return total, (targets != IGNORE).sum()
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup to 1, then linear decay to 0 at `total` (or constant)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    return max(0.0, (total - step) / (total - warmup))
 
 
 def plain_name(name: str) -> str:
@@ -80,6 +73,9 @@ class ConversationLM(pl.LightningModule):
         # Saved in every checkpoint so a .ckpt converts without the run (`convcli convert`).
         self.tokenizer_files: dict[str, bytes] = {}
         self.data_identity: dict[str, Any] = {}
+        # Set by configure_optimizers, once the run's length is known; `report` hears it.
+        self.schedule: Schedule | None = None
+        self.report: Callable[[str], None] | None = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.model(
@@ -136,9 +132,12 @@ class ConversationLM(pl.LightningModule):
              "weight_decay": s["weight_decay"]},
             {"params": [p for n, p in named if n in self.no_decay], "weight_decay": 0.0},
         ]  # fmt: skip
-        optimizer = torch.optim.AdamW(groups, lr=s["learning_rate"])
         total = int(self.trainer.estimated_stepping_batches)
-        warmup, schedule = s["warmup_steps"], s["schedule"]
+        self.schedule = choose_schedule(s["learning_rate"], s["warmup_steps"], s["preset"], total)
+        if self.report is not None and self.trainer.is_global_zero:
+            self.report(self.schedule.describe())
+        optimizer = torch.optim.AdamW(groups, lr=self.schedule.learning_rate)
+        warmup, schedule = self.schedule.warmup_steps, s["schedule"]
 
         def factor(step: int) -> float:
             return lr_factor(step, warmup, total, schedule)

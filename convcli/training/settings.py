@@ -38,12 +38,14 @@ class TrainSettings:
     """Token budget of a batch per device, padding included (length bucketing)."""
     batch_size: int | None = None
     """Fixed number of examples per batch instead of the token budget."""
-    learning_rate: float = 1e-4
-    """Peak learning rate of AdamW."""
+    learning_rate: float | None = None
+    """Peak learning rate of AdamW. Default (null): by starting point, 1e-4 fine-tuning a
+    `model`, 3e-3 / 6e-4 / 3e-4 from scratch with `preset` tiny / small / medium."""
     weight_decay: float = 0.01
     """AdamW weight decay; biases and LayerNorm weights are never decayed."""
-    warmup_steps: int = 100
-    """Optimizer steps of linear warmup from 0 to the peak learning rate."""
+    warmup_steps: int | None = None
+    """Optimizer steps of linear warmup from 0 to the peak learning rate. Default (null):
+    10% of the run's steps, at most 100."""
     schedule: Literal["linear", "constant"] = "linear"
     """After warmup: linear decay to 0 at the last step, or constant."""
     grad_clip: float = 1.0
@@ -60,6 +62,9 @@ class TrainSettings:
     """Stop after this many passes over the training split (null with max_steps null: 1)."""
     val_every: int = 500
     """Validate every this many optimizer steps (and once at the end)."""
+    early_stop: int | None = None
+    """Stop when the validation loss has not improved for this many validations in a row
+    (patience; null: never stop early). best/ keeps the best model either way."""
     save_every: int = 1000
     """Write a checkpoint with optimizer state every this many optimizer steps (and at the end)."""
     keep_checkpoints: int = 2

@@ -87,7 +87,7 @@ def test_train_summary_refuses_a_second_run_and_resumes(make_shards, tiny_model_
     first = invoke(*base, "--max-steps", "2", "--reverse")
     assert first.exit_code == 0, first.stderr
     assert first.stdout == ""  # model text only on stdout; training prints none
-    summary = first.stderr.strip().splitlines()[-1]
+    summary = next(line for line in first.stderr.splitlines() if line.startswith("trained "))
     assert summary.startswith("trained 2 steps on ") and f"final: {run / 'final'}" in summary
     assert "val loss" in summary and "ppl" in summary
     assert json.loads((run / "final" / "convcli.json").read_text())["reverse"] is True
@@ -96,7 +96,7 @@ def test_train_summary_refuses_a_second_run_and_resumes(make_shards, tiny_model_
     # Options that fix the data order, the loss or the restored optimizer must not change.
     resume = [*base, "--max-steps", "4", "--resume", "auto"]
     one_line_error(invoke(*resume), 1, "trained with --reverse True (now False)")
-    one_line_error(invoke(*resume, "--reverse", "--lr", "0.5"), 1, "--learning-rate 0.0001")
+    one_line_error(invoke(*resume, "--reverse", "--lr", "0.5"), 1, "--learning-rate default")
     one_line_error(invoke(*resume, "--reverse", "--batch-size", "3"), 1, "--batch-size 4 (now 3)")
     resumed = invoke(*base, "--max-steps", "4", "--reverse", "--resume", "auto")
     assert resumed.exit_code == 0, resumed.stderr
@@ -163,3 +163,20 @@ def test_fsdp_on_two_cpu_processes_exports_the_gathered_weights(make_shards, tmp
     convert_checkpoint(run / "checkpoints" / "step-0000004.ckpt", tmp_path / "converted")
     converted = load_file(str(tmp_path / "converted" / "model.safetensors"))
     assert all(torch.equal(converted[k], final[k]) for k in final)
+
+
+def test_summary_says_where_validation_stopped_improving(tmp_path):
+    from convcli.cli.train import summary
+    from convcli.training.fit import TrainResult
+
+    common = dict(output=tmp_path, tokens=1000, seconds=2.0, val_loss=5.27,
+                  final=tmp_path / "final", best=tmp_path / "best", padding=0.1,
+                  is_global_zero=True, best_step=200, best_val_loss=3.1)  # fmt: skip
+    overfit = summary(TrainResult(steps=800, worse_since_best=6, **common))
+    assert overfit[0].startswith("trained 800 steps") and "val loss 5.2700" in overfit[0]
+    assert "stopped improving at step 200 (the 6 validations since were worse" in overfit[1]
+    assert "holds step 200" in overfit[1] and "--early-stop" in overfit[1]
+    early = summary(TrainResult(steps=260, worse_since_best=3, stopped_early=True, **common))
+    assert early[1].startswith("stopped early at step 260: the validation loss had not improved")
+    fine = summary(TrainResult(steps=200, **common))
+    assert fine[1] == f"best: {tmp_path / 'best'} holds step 200 (val loss 3.1000)"

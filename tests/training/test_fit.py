@@ -165,3 +165,61 @@ def test_preset_without_validation_split_and_checkpoint_contents(make_shards, tm
     module = ConversationLM.load_from_checkpoint(run / "checkpoints" / "step-0000002.ckpt")
     final = weights(run / "final")
     torch.testing.assert_close(module.model.transformer.wpe.weight, final["transformer.wpe.weight"])
+
+
+# Training dialogues a tiny model memorises, and validation dialogues unlike them: the
+# validation loss falls for a few steps, then rises for good (overfitting, on purpose).
+UNLIKE = [["The weather is cold today.", "Take a coat then."],
+          ["Trains run late on Sunday.", "Walk instead."],
+          ["Cats sleep all day long.", "Dogs do too."]]  # fmt: skip
+
+
+def overfitting_shards(make_shards) -> Path:
+    from tests.conftest import DIALOGUES
+
+    unique = list(dict.fromkeys(tuple(d) for d in DIALOGUES))
+    mixed = [UNLIKE[(i // 5) % 3] if i % 5 == 4 else unique[i % len(unique)] for i in range(15)]
+    return make_shards(mixed)  # every 5th dialogue is validation: the unlike ones
+
+
+@pytest.mark.slow
+def test_early_stop_ends_the_run_and_best_holds_the_best_step(make_shards, tmp_path):
+    run = tmp_path / "run"
+    lines: list[str] = []
+    s = settings(overfitting_shards(make_shards), run, preset="tiny", max_steps=60,
+                 learning_rate=None, warmup_steps=None, early_stop=2)  # fmt: skip
+    result = train(s, report=lines.append, progress=False)
+
+    losses = val_losses(run)
+    best_at = 5 * (losses.index(min(losses)) + 1)
+    assert result.stopped_early and result.best_step == best_at
+    assert result.steps == best_at + 2 * 5 < 60  # two worse validations, 5 steps apart
+    assert result.worse_since_best == 2 and result.best_val_loss == pytest.approx(min(losses))
+    best = json.loads((run / "best" / "convcli.json").read_text())
+    assert best["extra"]["step"] == best_at
+    # Defaults by starting point, printed; and the corpus is far too small for the model.
+    assert any(line.startswith("learning rate 0.003, warmup 6 of 60 steps") for line in lines)
+    assert any("tokens per parameter" in line and "`model` gpt2" in line for line in lines)
+
+
+def test_early_stop_needs_a_validation_split(make_shards, tmp_path):
+    s = settings(make_shards(valid_every=0), tmp_path / "run", preset="tiny", early_stop=2)
+    with pytest.raises(ConvcliError, match="`early_stop` needs a validation split"):
+        train(s, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("lr", "warmup", "preset", "total", "expected"),
+    [
+        (None, None, None, 150, (1e-4, 15)),  # fine-tuning, 10% warmup
+        (None, None, "tiny", 5000, (3e-3, 100)),  # from scratch; warmup capped
+        (None, None, "small", 3, (6e-4, 1)),
+        (2e-5, 7, "tiny", 150, (2e-5, 7)),  # given values win
+    ],
+)
+def test_schedule_defaults_by_starting_point_and_run_length(lr, warmup, preset, total, expected):
+    from convcli.training.schedule import choose_schedule
+
+    chosen = choose_schedule(lr, warmup, preset, total)
+    assert (chosen.learning_rate, chosen.warmup_steps) == expected
+    assert ("default" in chosen.describe()) == (lr is None)
