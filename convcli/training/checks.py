@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from convcli.data.shards import Shards
+from convcli.data.shards import Shards, check_contents
 from convcli.errors import ConvcliError, UsageError
 from convcli.outputs import MARKER, is_output_of, refuse_system_folder, write_marker
 from convcli.tokenizer import ConversationTokenizer
@@ -68,13 +68,19 @@ def open_shards(path: Path) -> tuple[Shards, ConversationTokenizer]:
     shards = Shards(path)
     tokenizer = ConversationTokenizer.from_pretrained(shards.tokenizer_path)
     recorded = (shards.manifest.get("tokenizer") or {}).get("fingerprint")
-    if recorded and recorded != tokenizer.fingerprint():
+    if not recorded:  # a swapped tokenizer would go unnoticed
+        raise ConvcliError(
+            f"{path}: the manifest records no tokenizer fingerprint, so its tokenizer folder "
+            "cannot be trusted to be the one the ids were made with; run `convcli prepare` again"
+        )
+    if recorded != tokenizer.fingerprint():
         raise ConvcliError(
             f"{path}: manifest does not match its tokenizer folder (fingerprint {recorded} "
             f"in the manifest, {tokenizer.fingerprint()} on disk); run `convcli prepare` again"
         )
     if "train" not in shards.manifest["splits"] or not len(shards.split("train")):
         raise ConvcliError(f"{path}: the training split is empty; nothing to train on")
+    check_contents(shards, len(tokenizer))  # before the first step, not as a crash in it
     return shards, tokenizer
 
 
