@@ -121,7 +121,9 @@ class Parquet(Table):
     def batches(self, path: Path, open: Opener, rows: int, options: ReadOptions) -> Iterator[Any]:
         pa = _pyarrow()
         with open(path) as stream:
-            table = pa.parquet.ParquetFile(stream)
+            # pre_buffer (pyarrow's default) keeps every column chunk read until the file is
+            # closed: memory would grow with the file. Buffered reads of 1 MiB keep it flat.
+            table = pa.parquet.ParquetFile(stream, pre_buffer=False, buffer_size=1 << 20)
             names = table.schema_arrow.names
             column = _column(names, options.field)
             columns = [column] if column else names[:1]
