@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -170,6 +171,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)  # two models: about 1 GB
 
     med = {k: statistics.median(v) for k, v in totals.items()}
     load = os.getloadavg()[0]
