@@ -74,7 +74,9 @@ def child(job: str, checkpoint: Path, out: Path, tokenizer: str) -> None:
     from safetensors.torch import save_file
 
     from convcli.conversion.convert import convert_checkpoint
+    from convcli.inference.loading import set_threads
 
+    set_threads(None)  # as the convert command does
     # Count only the job: reset the peak (VmHWM) after the imports where Linux allows it.
     peak_reset = _reset_peak()
     start_mb = _status_mb("VmRSS")

@@ -15,6 +15,7 @@ from convcli.errors import ConvcliError, UsageError
 from convcli.outputs import MARKER, is_output_of, refuse_system_folder, write_marker
 from convcli.tokenizer import ConversationTokenizer
 from convcli.training.callbacks import step_checkpoints
+from convcli.training.checkpoint_files import clean_temporaries, newest_readable
 from convcli.training.settings import PRESETS as PRESET_NAMES
 from convcli.training.settings import TrainSettings
 
@@ -84,22 +85,30 @@ def open_shards(path: Path) -> tuple[Shards, ConversationTokenizer]:
     return shards, tokenizer
 
 
-def find_checkpoint(s: TrainSettings) -> Path | None:
-    """The checkpoint to resume from: resume="auto" (newest in the run) or a path."""
+def find_checkpoint(s: TrainSettings) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from: resume="auto" (the newest that reads back in the
+    run) or a path; and warnings for the user (newer checkpoints skipped as unreadable)."""
     if s.resume is None:
-        return None
+        return None, []
     assert s.output is not None
     if s.resume != "auto":
         path = Path(s.resume)
         if not path.is_file():
             raise ConvcliError(f"`resume`: checkpoint not found: {path}", param="resume")
-        return path
+        return path, []
     found = step_checkpoints(s.output / CHECKPOINTS)
     if not found:
         raise ConvcliError(
             f"`resume` auto: nothing to resume in {s.output / CHECKPOINTS}", param="resume"
         )
-    return found[-1][1]
+    path, warnings = newest_readable(found)
+    if path is None:
+        raise ConvcliError(
+            f"`resume` auto: no readable checkpoint in {s.output / CHECKPOINTS} "
+            f"({'; '.join(warnings)})",
+            param="resume",
+        )
+    return path, warnings
 
 
 RUN_PARTS = (CHECKPOINTS, "final", "best", "logs")
@@ -151,6 +160,7 @@ def prepare_output(s: TrainSettings, resuming: bool) -> None:
             shutil.rmtree(path, ignore_errors=True)
     s.output.mkdir(parents=True, exist_ok=True)
     write_marker(s.output, "train")
+    clean_temporaries(s.output / CHECKPOINTS)  # from saves killed midway
 
 
 def check_vocabulary(

@@ -273,3 +273,12 @@ def test_the_readme_format_table_examples_read_as_their_format(tmp_path):
         assert all(isinstance(r, Dialogue) for r in corpus), name
         checked.append(name)
     assert checked == ["jsonl", "messages", "sharegpt", "tsv"]
+
+
+def test_field_names_the_key_of_the_messages(tmp_path):
+    record = {"chat": [msg("user", "Hi"), msg("assistant", "Hello")]}
+    path = write_lines(tmp_path / "c.jsonl", [record])
+    (got,) = records(path, format="messages", field="chat")
+    assert got.turns == ["Hi", "Hello"]
+    (bad,) = records(path, format="messages")
+    assert bad.message == 'expected an object with a non-empty "messages" array'

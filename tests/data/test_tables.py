@@ -147,3 +147,11 @@ def test_without_pyarrow_a_one_line_install_hint(tmp_path, monkeypatch):
     assert (
         str(caught.value) == "reading Parquet and Arrow needs pyarrow: pip install 'convcli[arrow]'"
     )
+
+
+def test_a_file_that_is_no_table_is_one_unreadable_record(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text('["a", "b"]\n')
+    (bad,) = Corpus([str(path)], format="parquet")
+    assert bad.reason == "unreadable"
+    assert str(bad.error()).startswith(f"{path}: cannot read as parquet: ")
