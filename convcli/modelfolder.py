@@ -67,7 +67,7 @@ class ModelMeta:
     @classmethod
     def from_file(cls, path: Path) -> ModelMeta:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except (OSError, ValueError) as exc:
             raise ConvcliError(f"{path}: unreadable convcli metadata: {exc}") from exc
         if data.get("format") != META_FORMAT:

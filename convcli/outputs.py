@@ -322,7 +322,7 @@ def _move_into_place(tmp: Path, output: Path, *, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_file(
-    output: str | Path, *, overwrite: bool = False, encoding: str = "utf-8"
+    output: str | Path, overwrite: bool = False, *, encoding: str = "utf-8"
 ) -> Iterator[IO[str]]:
     """A text file written as `.NAME.tmp-*` beside `output` and renamed into place when the
     block ends without error; on error (or a kill) `output` is untouched."""
