@@ -60,8 +60,6 @@ def generate(
       convcli generate my-model --input contexts.jsonl --output answers.jsonl \\
           --batch-size 16
     """
-    from convcli.inference.loading import load_models
-
     input, output = batch.input, batch.output
     if input is not None and turns:
         raise UsageError("give turns on the command line or --input FILE, not both")
@@ -78,12 +76,30 @@ def generate(
     options = {**sampling.generate_kwargs(), **extra_options(option)}
     if mmi.reverse_model is not None:
         options.pop("num_return_sequences", None)
-    counts = None
-    if output is not None:  # before any work: never an input, never replaced silently
-        from convcli.outputs import check_output
+    with contextlib.ExitStack() as held:
+        if output is not None:  # before any work: never an input, never replaced silently
+            from convcli.outputs import check_output, hold_output
 
-        inputs = [input] if input is not None and str(input) != "-" else []
-        check_output(output, "generate", overwrite=batch.overwrite, inputs=inputs, kind="file")
+            held.enter_context(hold_output(output))  # a second generate on it fails at once
+            inputs = [input] if input is not None and str(input) != "-" else []
+            check_output(output, "generate", overwrite=batch.overwrite, inputs=inputs, kind="file")
+        _generate(model, turns, sampling, options, mmi, json_output, batch, runtime)
+
+
+def _generate(
+    model: Path,
+    turns: list[str] | None,
+    sampling: SamplingSettings,
+    options: dict[str, Any],
+    mmi: MMISettings,
+    json_output: bool,
+    batch: BatchSettings,
+    runtime: RuntimeSettings,
+) -> None:
+    from convcli.inference.loading import load_models
+
+    input, output = batch.input, batch.output
+    counts = None
     if input is not None:
         # Read (and, by default, validate) every line before the model loads.
         counts, items = _read_input(input, strict=batch.on_error == "strict")

@@ -80,9 +80,12 @@ class Transcript:
             self._file.flush()
 
     def write(self, event: str, **fields: Any) -> None:
+        from convcli.outputs import named_os_errors
+
         record = {"event": event, "time": now(), **fields}
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        with named_os_errors(self.path):  # a full disk names the transcript
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
         self._file.close()

@@ -18,7 +18,7 @@ from typing import Any
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from convcli.errors import ConvcliError
-from convcli.outputs import fsync_dir
+from convcli.outputs import fsync_dir, named_os_errors
 
 TEMP_PREFIX = ".ckpt-tmp-"
 
@@ -37,7 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)
         try:
-            with open(fd, "wb") as handle:
+            with named_os_errors(path), open(fd, "wb") as handle:
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
