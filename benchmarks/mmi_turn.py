@@ -1,27 +1,38 @@
-"""One MMI turn: convcli's batched reranker against the seed 001 tutorial's loop.
+"""Reply latency on CPU: the rows of issue 13's table, as ratios measured in one run.
 
 Two randomly initialised GPT-2 small-shaped models (forward and reverse: 12 layers,
-768 wide, 50257 tokens) answer the same context. Both sides generate exactly
-`--new-tokens` tokens per candidate (random weights would otherwise stop at random
-lengths), sample with top-k 50, and score with the reverse model:
+768 wide, 50257 tokens) answer the same context. Every job generates exactly
+`--new-tokens` tokens per sequence (random weights would otherwise stop at random
+lengths). The jobs run interleaved, `--repeats` times; the figures are medians.
 
-- baseline: the tutorial's `generate_message`, faithfully: one forward over the
-  context, then each candidate in turn with the KV cache at batch size 1 (top-k by
-  hand, a `.item()` per token), then one reverse forward per candidate with labels;
-- convcli: `MMIReranker.respond`: one batched `generate`, one reverse forward.
+- MMI turn: `MMIReranker.respond` (one batched `generate` of 8 candidates with top-k 50,
+  one reverse forward) against the seed 001 tutorial's `generate_message`, faithfully:
+  one forward over the context, then each candidate in turn with the KV cache at batch
+  size 1 (top-k by hand, a `.item()` per token), then one reverse forward per candidate.
+  The tutorial and the bare `generate` below run on untouched copies of the models.
+- ms/token at batch 1: `ConversationModel.generate` (greedy) against a bare Hugging
+  Face `generate` on the same inputs.
+- a batch-8 decode step against a batch-1 decode step: `generate` with 8 samples of
+  one context and with 1, each timed at `--new-tokens` and at 1 new token; a step is
+  the difference over the extra tokens (the prefill cancels out).
+- start-up: a fresh process imports convcli, loads two model folders
+  (`load_models`, as generate/chat do) and answers one MMI turn, then a second one.
+- the profile's top five (torch.profiler, self CPU time) of one MMI turn.
 
-Also: `ConversationModel.generate`'s ms/token against a bare Hugging Face `generate`
-on the same model and inputs (the wrapper's overhead).
-
-Prints medians of `--repeats` interleaved runs and the ratios (targets: MMI <= 0.35,
-generate <= 1.05). Usage: python benchmarks/mmi_turn.py [--layers 12] [--repeats 3]
+`convert` (the table's last row) is `benchmarks/convert_memory.py`. Torch threads are
+what the commands use (`default_threads()`, OMP_NUM_THREADS) unless `--threads`.
+Usage: python benchmarks/mmi_turn.py [--layers 12] [--repeats 3] [--new-tokens 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,14 +64,21 @@ def tokenizer() -> ConversationTokenizer:
     return ConversationTokenizer(train_bpe_tokenizer(texts, vocab_size=300, min_frequency=1))
 
 
-def random_model(tok: ConversationTokenizer, layers: int, seed: int, reverse: bool):
+def random_gpt2(tok: ConversationTokenizer, layers: int, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=layers, n_embd=768, n_head=12, vocab_size=max(50257, len(tok)))
-    model = GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(config).eval()
+
+
+def conversation_model(model, tok: ConversationTokenizer, reverse: bool) -> ConversationModel:
     meta = ModelMeta(token_types=not reverse, sep_token_id=tok.sep_token_id, reverse=reverse)
     return ConversationModel(model, tok, meta, path=f"random-{'reverse' if reverse else 'forward'}")
+
+
+def random_model(tok: ConversationTokenizer, layers: int, seed: int, reverse: bool):
+    return conversation_model(random_gpt2(tok, layers, seed), tok, reverse)
 
 
 # -- the tutorial's loop (seed 001), with a fixed length --------------------------------------
@@ -69,8 +87,8 @@ def random_model(tok: ConversationTokenizer, layers: int, seed: int, reverse: bo
 def seed_get_response(model, output_token, past, new_tokens: int, top_k: int = 50):
     out = torch.tensor([[]], dtype=torch.long)
     for _ in range(new_tokens):  # the tutorial loops until the end token
-        util = model.forward(output_token, past_key_values=past)
-        output_token, past = util["logits"], util["past_key_values"]
+        util = model.forward(output_token, cache=past)  # transformers 5's name
+        output_token, past = util["logits"], util["cache"]
         output_token = output_token[:, -1, :].float()
         indices_to_remove = output_token < torch.topk(output_token, top_k)[0][..., -1, None]
         output_token[indices_to_remove] = -float("Inf")
@@ -93,7 +111,7 @@ def seed_generate_message(model, reverse_model, message_list, num_samples, new_t
     total_input = torch.cat(message_list, dim=1)
     total_input_reversed = message_list[-1]
     prefix = total_input.shape[1] - 1
-    past = model(total_input[:, :-1])["past_key_values"]
+    past = model(total_input[:, :-1])["cache"]
     results = []
     for _ in range(num_samples):
         # transformers 5 caches grow in place; the tutorial's tuple caches did not.
@@ -115,81 +133,194 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
+def startup_child(forward_dir: str, reverse_dir: str, k: int, n: int) -> None:
+    """In a fresh process: imports, loading both folders, then two MMI turns (JSON out)."""
+    t0 = time.perf_counter()
+    from convcli.inference.loading import load_models
+    from convcli.inference.settings import MMISettings
+
+    t1 = time.perf_counter()
+    _, reranker, _ = load_models(
+        forward_dir, MMISettings(reverse_model=Path(reverse_dir), num_candidates=k)
+    )
+    t2 = time.perf_counter()
+    sampling = {"do_sample": True, "top_k": 50, "max_new_tokens": n, "min_new_tokens": n}
+    reranker.respond(CONTEXT, seed=0, **sampling)
+    t3 = time.perf_counter()
+    reranker.respond(CONTEXT, seed=1, **sampling)
+    t4 = time.perf_counter()
+    # (module-level imports of this script, torch and transformers, came before t0)
+    print(json.dumps({"imports": t1 - t0, "load": t2 - t1, "first": t3 - t2, "next": t4 - t3}))
+
+
+def startup_split(forward, reverse, k: int, n: int, threads: int) -> dict[str, float]:
+    from convcli.modelfolder import save_model_folder
+
+    with tempfile.TemporaryDirectory(prefix="mmi-turn-") as tmp:
+        folders = []
+        for model in (forward, reverse):
+            folder = Path(tmp) / ("reverse" if model.meta.reverse else "forward")
+            save_model_folder(model.model, model.tokenizer, model.meta, folder)
+            folders.append(str(folder))
+        started = time.perf_counter()
+        cmd = [sys.executable, __file__, "--startup-child", *folders, str(k), str(n)]
+        env_threads = {"OMP_NUM_THREADS": str(threads)}
+        import os
+
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, env={**os.environ, **env_threads}
+        )
+        wall = time.perf_counter() - started
+    if result.returncode:
+        sys.exit(f"start-up child failed:\n{result.stderr[-2000:]}")
+    split = json.loads(result.stdout.strip().splitlines()[-1])
+    split["process"] = wall - sum(split.values())  # interpreter, torch and transformers imports
+    return split
+
+
+def profile_top(fn, rows: int = 5) -> list[tuple[str, float, float]]:
+    """(op, self CPU ms, share of the total) of the `rows` costliest ops of one call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [
+        (e.key, e.self_cpu_time_total / 1000, e.self_cpu_time_total / total) for e in events[:rows]
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12, help="layers of both models")
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per candidate")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as the CLI)")
+    parser.add_argument("--skip-startup", action="store_true", help="no start-up split")
+    parser.add_argument("--startup-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.startup_child:
+        fwd_dir, rev_dir, k, n = args.startup_child
+        startup_child(fwd_dir, rev_dir, int(k), int(n))
+        return
     from transformers.utils import logging as hf_logging
 
+    from convcli.inference.loading import set_threads
+
+    threads = set_threads(args.threads or None)
     hf_logging.set_verbosity_error()
 
     tok = tokenizer()
-    forward = random_model(tok, args.layers, seed=0, reverse=False)
-    reverse = random_model(tok, args.layers, seed=1, reverse=True)
+    plain_forward, plain_reverse = (random_gpt2(tok, args.layers, seed) for seed in (0, 1))
+    # convcli's side wraps copies: the tutorial and bare generate run on untouched models.
+    forward = conversation_model(copy.deepcopy(plain_forward), tok, reverse=False)
+    reverse = conversation_model(copy.deepcopy(plain_reverse), tok, reverse=True)
     n, k = args.new_tokens, args.candidates
     sep = torch.tensor([[tok.sep_token_id]])
     # The tutorial's message list: each turn's ids followed by the end token.
     messages = [torch.cat((torch.tensor([ids]), sep), dim=1) for ids in tok.encode_turns(CONTEXT)]
     reranker = MMIReranker(forward, reverse, num_candidates=k, temperature=0.5)
     sampling = {"do_sample": True, "top_k": 50, "max_new_tokens": n, "min_new_tokens": n}
-
-    def ours() -> None:
-        result = reranker.respond(CONTEXT, **sampling)
-        assert all(len(c.token_ids) == n for c in result.candidates)
-
-    def baseline() -> None:
-        out = seed_generate_message(forward.model, reverse.model, messages, k, n, 0.5, sep)
-        assert out.shape[1] == n
-
-    # generate vs bare transformers generate, greedy, same prepared inputs.
     _, tensors, _ = forward.prepare([CONTEXT], max_new_tokens=n)
     fixed = {"max_new_tokens": n, "min_new_tokens": n}
 
-    def wrapped() -> None:
+    def mmi() -> None:
+        result = reranker.respond(CONTEXT, **sampling)
+        assert sum(c.count for c in result.candidates) == k
+        assert all(len(c.token_ids) == n for c in result.candidates)
+
+    def tutorial() -> None:
+        out = seed_generate_message(plain_forward, plain_reverse, messages, k, n, 0.5, sep)
+        assert out.shape[1] == n
+
+    def ours_b1() -> None:
         forward.generate(CONTEXT, **fixed)
 
-    def bare() -> None:
+    def bare_b1() -> None:
         with torch.inference_mode():
-            forward.model.generate(
+            plain_forward.generate(
                 **tensors, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, **fixed
             )
 
+    def steps(rows: int, tokens: int):
+        def job() -> None:
+            forward.generate(
+                CONTEXT, do_sample=True, top_k=50, num_return_sequences=rows,
+                max_new_tokens=tokens, min_new_tokens=tokens,
+            )  # fmt: skip
+
+        return job
+
+    jobs = {
+        "mmi": mmi,
+        "tutorial": tutorial,
+        "ours_b1": ours_b1,
+        "bare_b1": bare_b1,
+        "b8_n": steps(k, n),
+        "b8_1": steps(k, 1),
+        "b1_n": steps(1, n),
+        "b1_1": steps(1, 1),
+    }
     print(
         f"models: 2 x GPT-2 ({args.layers} layers, 768 wide, "
         f"vocab {forward.model.config.vocab_size}), "
         f"context {tensors['input_ids'].shape[1]} tokens, {k} candidates x {n} new tokens, "
-        f"{torch.get_num_threads()} threads",
+        f"{threads} torch threads, {args.repeats} interleaved repeats (medians)",
         file=sys.stderr,
     )
-    for fn in (ours, baseline, wrapped, bare):  # warm-up
+    for fn in jobs.values():  # warm-up (and the packed weights are made here)
         fn()
-    times: dict[str, list[float]] = {"ours": [], "baseline": [], "wrapped": [], "bare": []}
+    times: dict[str, list[float]] = {name: [] for name in jobs}
     for r in range(args.repeats):
-        for name, fn in (
-            ("ours", ours),
-            ("baseline", baseline),
-            ("wrapped", wrapped),
-            ("bare", bare),
-        ):
+        for name, fn in jobs.items():
             times[name].append(timed(fn))
         print(f"  repeat {r + 1}/{args.repeats} done", file=sys.stderr)
     med = {name: statistics.median(values) for name, values in times.items()}
-    mmi_ratio = med["ours"] / med["baseline"]
-    gen_ratio = med["wrapped"] / med["bare"]
-    print(
-        f"MMI turn ({k} candidates x {n} tokens): convcli {med['ours']:.2f} s, "
-        f"tutorial loop {med['baseline']:.2f} s, ratio {mmi_ratio:.3f} (target <= 0.35)"
-    )
-    print(
-        f"generate: convcli {1000 * med['wrapped'] / n:.1f} ms/token, bare transformers "
-        f"{1000 * med['bare'] / n:.1f} ms/token, ratio {gen_ratio:.3f} (target <= 1.05)"
-    )
+    step8 = (med["b8_n"] - med["b8_1"]) / (n - 1)
+    step1 = (med["b1_n"] - med["b1_1"]) / (n - 1)
+    rows = [
+        (
+            f"MMI turn, {k} candidates x {n} tokens, vs the tutorial's loop",
+            f"{med['mmi']:.2f} s vs {med['tutorial']:.2f} s",
+            med["mmi"] / med["tutorial"],
+            "<= 0.25 (stretch 0.2)",
+        ),
+        (
+            "ms/token at batch 1 vs bare transformers generate",
+            f"{1000 * med['ours_b1'] / n:.0f} vs {1000 * med['bare_b1'] / n:.0f} ms",
+            med["ours_b1"] / med["bare_b1"],
+            "<= 0.7",
+        ),
+        (
+            f"a batch-{k} decode step vs a batch-1 decode step",
+            f"{1000 * step8:.0f} vs {1000 * step1:.0f} ms",
+            step8 / step1,
+            "<= 1.6",
+        ),
+    ]
+    print(f"{'row':<62}{'measured':>24}{'ratio':>8}  target")
+    for name, measured, ratio, target in rows:
+        print(f"{name:<62}{measured:>24}{ratio:>8.3f}  {target}")
+    print("convert vs torch.load + safetensors save: see benchmarks/convert_memory.py")
+    spread = {name: f"{min(v):.2f}-{max(v):.2f}" for name, v in times.items()}
+    print(f"spread (s, min-max of the repeats): {spread}", file=sys.stderr)
+
+    if not args.skip_startup:
+        split = startup_split(forward, reverse, k, n, threads)
+        ready = split["process"] + split["imports"] + split["load"]
+        print(
+            f"start-up of an MMI generate: interpreter and imports "
+            f"{split['process'] + split['imports']:.2f} s, "
+            f"loading two folders {split['load']:.2f} s, "
+            f"first turn {split['first']:.2f} s, next turn {split['next']:.2f} s; "
+            f"start-up / turn = {ready / split['next']:.2f} (target <= 1)"
+        )
+
+    print(f"profile of one MMI turn, top five by self CPU time ({threads} threads):")
+    for op, ms, share in profile_top(mmi):
+        print(f"  {op:<48}{ms:>10.0f} ms{100 * share:>7.1f}%")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,16 @@ reply early; the completion tokens are printed to show it). In one run:
   sampling: top-k 50, 32 tokens); ratio (target <= 1.1x).
 
 Prints medians of `--repeats` interleaved rounds.
-Usage: python benchmarks/serve_load.py [--threads 2] [--repeats 3] [--layers 12]
+Usage: python benchmarks/serve_load.py [--threads N] [--repeats 3] [--layers 12]
+(on a busy machine keep threads at or below the free cores: oversubscribed OpenMP
+threads spin and slow both sides unevenly)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -91,6 +94,10 @@ def post(url: str, payload: dict[str, object]) -> tuple[float, int | None]:
     return time.perf_counter() - started, tokens
 
 
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -98,7 +105,7 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="default: convcli's")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=12)
     args = parser.parse_args()
@@ -106,16 +113,18 @@ def main() -> None:
     import httpx
 
     from convcli.inference.loading import load_models
-    from convcli.inference.settings import MMISettings, RuntimeSettings
+    from convcli.inference.settings import MMISettings, RuntimeSettings, default_threads
 
+    threads = args.threads or default_threads()  # both sides get the same
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     forward, reverse = write_models(tmp, args.layers)
+    log(f"models written to {tmp}; starting the server")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     server = subprocess.Popen(
         [sys.executable, "-m", "convcli", "serve", str(forward), "--reverse-model", str(reverse),
-         "--model-name", "bench", "--port", str(port), "--threads", str(args.threads)],
+         "--model-name", "bench", "--port", str(port), "--threads", str(threads)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -128,8 +137,9 @@ def main() -> None:
             if server.poll() is not None:
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
+        log("server up; loading the generate path's models here")
         mmi = MMISettings(reverse_model=reverse, num_candidates=8)
-        _, reranker, _ = load_models(forward, mmi, RuntimeSettings("cpu", args.threads))
+        _, reranker, _ = load_models(forward, mmi, RuntimeSettings("cpu", threads))
         assert reranker is not None
         post(url, body(0))  # warm up both sides
         reranker.respond(CONTEXTS[0], max_new_tokens=NEW_TOKENS, seed=0)
@@ -138,7 +148,8 @@ def main() -> None:
         latencies: dict[str, list[float]] = {"sequential": [], "concurrent": []}
         mmi_times: dict[str, list[float]] = {"server": [], "generate path": []}
         failures, tokens = 0, []
-        for _ in range(args.repeats):
+        for round in range(args.repeats):
+            log(f"round {round + 1}/{args.repeats}")
             started = time.perf_counter()
             seq = [post(url, body(i)) for i in range(8)]
             totals["sequential"].append(time.perf_counter() - started)
@@ -160,11 +171,12 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)  # two models: about 1 GB
 
     med = {k: statistics.median(v) for k, v in totals.items()}
     load = os.getloadavg()[0]
     print(f"serve_load: GPT-2 small shape ({args.layers} layers), {NEW_TOKENS} new tokens, "
-          f"--threads {args.threads}, {args.repeats} rounds, load avg {load:.1f}")  # fmt: skip
+          f"--threads {threads}, {args.repeats} rounds, load avg {load:.1f}")  # fmt: skip
     print(f"completion tokens per request: min {min(tokens)}, max {max(tokens)}")
     for name in ("sequential", "concurrent"):
         lat = latencies[name]

@@ -27,6 +27,14 @@ class UsageError(ConvcliError):
     """A bad combination or value of options (exit code 2, like click's usage errors)."""
 
 
+class Interrupted(ConvcliError):
+    """A run stopped by a signal: exit code 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, message: str, *, signum: int, param: str | tuple[str, ...] | None = None):
+        super().__init__(message, param=param)
+        self.exit_code = 128 + signum
+
+
 class InputError(ConvcliError):
     """A malformed input file: the message starts with `file:line:` where known."""
 

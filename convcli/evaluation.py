@@ -221,7 +221,7 @@ def read_samples(path: str | Path, references: str | Path | None = None) -> list
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for number, text in enumerate(f, 1):
                 if text.strip():
                     yield number, text

@@ -29,7 +29,7 @@ from convcli.outputs import write_atomically
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
     from convcli.tokenizer import ConversationTokenizer
 
@@ -67,7 +67,7 @@ class ModelMeta:
     @classmethod
     def from_file(cls, path: Path) -> ModelMeta:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except (OSError, ValueError) as exc:
             raise ConvcliError(f"{path}: unreadable convcli metadata: {exc}") from exc
         if data.get("format") != META_FORMAT:
@@ -235,11 +235,55 @@ def save_model_folder(
         model.config.pad_token_id = tokenizer.pad_token_id
         with quiet_weight_bars():
             model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(tmp)
-        meta.sep_token_id = tokenizer.sep_token_id
-        meta.tokenizer_fingerprint = tokenizer.fingerprint()
-        (tmp / META_FILE).write_text(meta.to_json() + "\n", encoding="utf-8")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        _write_tokenizer_and_meta(tmp, tokenizer, meta, extra_files)
 
     return write_atomically(output, write, overwrite=overwrite)
+
+
+def save_weights_folder(
+    weights: dict[str, torch.Tensor],
+    config: PretrainedConfig,
+    tokenizer: ConversationTokenizer,
+    meta: ModelMeta,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """`save_model_folder` for a state dict that never became a model (convert without
+    verification): the files `save_pretrained` writes (config.json naming the
+    architecture and dtype, generation_config.json, model.safetensors), without importing
+    or building the model. `weights` are contiguous tensors in one dtype; a tied output
+    layer is left out, as transformers does.
+    """
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    def write(tmp: Path) -> None:
+        config.architectures = [f"{type(config).__name__.removesuffix('Config')}LMHeadModel"]
+        config.dtype = next(iter(weights.values())).dtype
+        config.eos_token_id = config.bos_token_id = tokenizer.sep_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        config.save_pretrained(str(tmp))
+        gen = GenerationConfig.from_model_config(config)
+        gen.eos_token_id = gen.bos_token_id = tokenizer.sep_token_id
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.save_pretrained(str(tmp))
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_tokenizer_and_meta(tmp, tokenizer, meta, extra_files)
+
+    return write_atomically(output, write, overwrite=overwrite)
+
+
+def _write_tokenizer_and_meta(
+    tmp: Path,
+    tokenizer: ConversationTokenizer,
+    meta: ModelMeta,
+    extra_files: dict[str, str] | None,
+) -> None:
+    tokenizer.save_pretrained(tmp)
+    meta.sep_token_id = tokenizer.sep_token_id
+    meta.tokenizer_fingerprint = tokenizer.fingerprint()
+    (tmp / META_FILE).write_text(meta.to_json() + "\n", encoding="utf-8")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")

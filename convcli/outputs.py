@@ -26,7 +26,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -102,7 +101,7 @@ def refuse_to_replace_inputs(output: str | Path, inputs: Sequence[str | Path]) -
 
 
 def write_marker(folder: Path, command: str) -> None:
-    data = {"command": command, "convcli_version": __version__, "written": time.time()}
+    data = {"command": command, "convcli_version": __version__}  # no time: same bytes
     (folder / MARKER).write_text(json.dumps(data) + "\n", encoding="utf-8")
 
 
@@ -323,7 +322,7 @@ def _move_into_place(tmp: Path, output: Path, *, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_file(
-    output: str | Path, *, overwrite: bool = False, encoding: str = "utf-8"
+    output: str | Path, overwrite: bool = False, *, encoding: str = "utf-8"
 ) -> Iterator[IO[str]]:
     """A text file written as `.NAME.tmp-*` beside `output` and renamed into place when the
     block ends without error; on error (or a kill) `output` is untouched."""

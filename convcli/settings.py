@@ -83,7 +83,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a config file, with a one-line error for a bad file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise UsageError(f"`config`: file not found: {path}", param="config") from None
     except yaml.YAMLError as exc:

@@ -35,17 +35,20 @@ def layout(
     turn_ids: Sequence[Sequence[int]],
     sep_id: int,
     weighted: Sequence[bool] | None = None,
+    replies: Sequence[bool] | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
     """Lay out encoded turns as (input ids, token types, loss flags).
 
-    `weighted[i]` says whether turn i has a non-zero weight (default: all do).
+    `weighted[i]` says whether turn i has a non-zero weight (default: all do), `replies[i]`
+    whether it is a reply (default: every turn but the first; with roles, the assistant's).
     """
     ids: list[int] = []
     types: list[int] = []
     flags: list[int] = []
     previous = 0  # flags of the turn the next sep closes; nothing precedes the first sep
     for i, tokens in enumerate(turn_ids):
-        turn_flags = (LOSS_RESPONSE if i else 0) | (
+        reply = replies[i] if replies is not None else i > 0
+        turn_flags = (LOSS_RESPONSE if reply else 0) | (
             LOSS_WEIGHTED if weighted is None or weighted[i] else 0
         )
         ids.append(sep_id)

@@ -53,29 +53,42 @@ def siblings(path: Path) -> list[str]:
 # -- item 4: two runs on one output ------------------------------------------------------------
 
 
+def command_on(command: str, tmp_path: Path, out: Path, tokenizer: Path) -> list[str]:
+    """A `command` that would write `out` (its inputs need not be valid: the lock comes
+    first)."""
+    source = write_jsonl(tmp_path / "d.jsonl")
+    return {
+        "prepare": prepare_args(source, out, tokenizer),
+        "train": ["train", "-d", str(tmp_path), "--preset", "tiny", "-o", str(out)],
+        "convert": ["convert", str(tmp_path / "m.pkl"), "-o", str(out)],
+        "generate": ["generate", str(tmp_path / "model"), "--input", str(source),
+                     "--output", str(out)],
+    }[command]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "convert", "generate"])
 def test_a_second_run_on_a_locked_output_fails_at_once_naming_the_holder(
-    tmp_path, tiny_tokenizer_dir
+    tmp_path, tiny_tokenizer_dir, command
 ):
-    out = tmp_path / "shards"
+    out = tmp_path / "out"
     holder = python(
         f"""
         import sys, time
         from convcli.outputs import hold_output
         with hold_output({str(out)!r}):
             print("held", flush=True)
-            time.sleep(60)
+            time.sleep(600)
         """
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         started = time.monotonic()
-        result = runner.invoke(app, prepare_args(write_jsonl(tmp_path / "d.jsonl"), out,
-                                                 tiny_tokenizer_dir))  # fmt: skip
-        assert time.monotonic() - started < 10
+        result = runner.invoke(app, command_on(command, tmp_path, out, tiny_tokenizer_dir))
+        assert time.monotonic() - started < 60  # it did not wait for the holder (imports aside)
     finally:
         holder.kill()
         holder.wait()
-    assert result.exit_code == 1
+    assert result.exit_code == 1, result.output
     assert result.stderr.strip() == (
         f"error: {out} is in use by another convcli run (pid {holder.pid}); wait for it to "
         "finish or choose another --output"

@@ -138,5 +138,5 @@ def test_fingerprint_survives_save_and_load(tiny_tokenizer, tmp_path):
 def test_missing_tokenizer_is_one_clear_error(tmp_path):
     from convcli.errors import ConvcliError
 
-    with pytest.raises(ConvcliError, match="tokenizer folder not found: .*nope"):
+    with pytest.raises(ConvcliError, match=r"tokenizer folder not found: .*nope"):
         ConversationTokenizer.from_pretrained(tmp_path / "nope")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -26,7 +28,7 @@ def read_context_file(path: Path) -> list[str]:
     from convcli.data.readers.contexts import parse_context
 
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark is read as nothing
     except OSError as exc:
         raise UsageError(f"--context: cannot read {path}: {exc.strerror or exc}") from None
     stripped = text.strip()
@@ -39,11 +41,24 @@ def _read_line(interactive: bool) -> str | None:
     """The next input line, or None at end of input."""
     if interactive:
         try:
-            return input("you> ")
+            line = input("you> ")
         except EOFError:
             return None
-    line = sys.stdin.readline()
-    return None if line == "" else line.rstrip("\r\n")
+    else:
+        line = sys.stdin.readline()
+        if line == "":
+            return None
+    if "\ufffd" in line:
+        info("note: bytes that are not UTF-8 in this line were replaced by \ufffd")
+    return line.rstrip("\r\n").lstrip("\ufeff")
+
+
+def _tolerant_stdin() -> None:
+    """Bytes that are not UTF-8 on stdin become U+FFFD instead of ending the chat."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(ValueError, io.UnsupportedOperation):
+            reconfigure(errors="replace")
 
 
 @settings_options(
@@ -126,6 +141,7 @@ def chat(
         verbose=c.verbose,
     )
     interactive = stdin_is_terminal()
+    _tolerant_stdin()
     if interactive:
         mode = f"MMI over {mmi.num_candidates} candidates" if reranker else "sampling"
         info(f"chatting with {model} ({mode}); /help for commands, /quit to end")

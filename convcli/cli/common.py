@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 
 import typer
 
-from convcli.errors import ConvcliError, UsageError, os_fault
+from convcli.errors import ConvcliError, Interrupted, UsageError, os_fault
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,6 +33,9 @@ def friendly_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except Interrupted as exc:  # on a fresh line: a progress bar may hold this one
+            info(f"\n{exc}")
+            raise typer.Exit(exc.exit_code) from None
         except UsageError as exc:
             info(f"error: {exc}")
             raise typer.Exit(2) from None

@@ -27,6 +27,7 @@ def convert(settings: ConvertSettings, quiet: QuietOption = False) -> None:
                  --tokenizer gpt2-vocab/
     """
     from convcli.conversion.convert import convert_checkpoint
+    from convcli.inference.loading import set_threads
     from convcli.settings import to_yaml
 
     s = settings
@@ -37,6 +38,9 @@ def convert(settings: ConvertSettings, quiet: QuietOption = False) -> None:
     options = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
     del options["checkpoint"], options["output"]
     config = to_yaml(s, header="convcli convert: the resolved settings of this folder")
+    # Verification runs the model: as many torch threads as generate uses (on a busy
+    # machine, threads that wait for each other at every op cost more than they give).
+    set_threads(None)
     bars = StageBars(label=lambda stage: f"{stage:<7}", mode=progress_mode(quiet), leave=True)
     with bars:
         report = convert_checkpoint(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 import time
@@ -59,8 +61,6 @@ def generate(
       convcli generate my-model --input contexts.jsonl --output answers.jsonl \\
           --batch-size 16
     """
-    from convcli.inference.loading import load_models
-
     input, output = batch.input, batch.output
     if input is not None and turns:
         raise UsageError("give turns on the command line or --input FILE, not both")
@@ -77,6 +77,30 @@ def generate(
     options = {**sampling.generate_kwargs(), **extra_options(option)}
     if mmi.reverse_model is not None:
         options.pop("num_return_sequences", None)
+    with contextlib.ExitStack() as held:
+        if output is not None:  # before any work: never an input, never replaced silently
+            from convcli.outputs import check_output, hold_output
+
+            held.enter_context(hold_output(output))  # a second generate on it fails at once
+            inputs = [input] if input is not None and str(input) != "-" else []
+            check_output(output, "generate", overwrite=batch.overwrite, inputs=inputs, kind="file")
+        _generate(model, turns, sampling, options, mmi, json_output, batch, runtime, quiet)
+
+
+def _generate(
+    model: Path,
+    turns: list[str] | None,
+    sampling: SamplingSettings,
+    options: dict[str, Any],
+    mmi: MMISettings,
+    json_output: bool,
+    batch: BatchSettings,
+    runtime: RuntimeSettings,
+    quiet: bool,
+) -> None:
+    from convcli.inference.loading import load_models
+
+    input, output = batch.input, batch.output
     counts = None
     if input is not None:
         # Read (and, by default, validate) every line before the model loads.
@@ -106,7 +130,15 @@ def generate(
             for text in record["responses"]:
                 typer.echo(" ".join(text.splitlines()))
         return
-    _batch_mode(items, counts, output, answer, batch_size=batch.batch_size, quiet=quiet)
+    _batch_mode(
+        items,
+        counts,
+        output,
+        answer,
+        batch_size=batch.batch_size,
+        overwrite=batch.overwrite,
+        quiet=quiet,
+    )
 
 
 def _read_input(input: Path, *, strict: bool) -> tuple[Any, list[Any]]:
@@ -114,8 +146,12 @@ def _read_input(input: Path, *, strict: bool) -> tuple[Any, list[Any]]:
 
     counts = BatchCounts()
     name = "<stdin>" if str(input) == "-" else str(input)
-    try:
-        source = sys.stdin if str(input) == "-" else input.open(encoding="utf-8")
+    try:  # utf-8-sig: a byte order mark (Windows editors) is read as nothing, as prepare does
+        source = (
+            io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig")
+            if str(input) == "-"
+            else input.open(encoding="utf-8-sig")
+        )
     except OSError as exc:
         raise UsageError(f"--input: cannot read {input}: {exc.strerror or exc}") from None
     with source:
@@ -132,25 +168,27 @@ def _batch_mode(
     answer: Any,
     *,
     batch_size: int,
+    overwrite: bool,
     quiet: bool,
 ) -> None:
     from convcli.inference.batch import run_batches
+    from convcli.outputs import atomic_file
 
     started = time.perf_counter()
-    out = sys.stdout if output is None else output.open("w", encoding="utf-8")
-    try:
-        with StageBars(mode=progress_mode(quiet), unit="context") as bars:
-            done = 0
+    # The answers file appears whole when all is written (a kill or a full disk leaves the
+    # previous one, or none).
+    target: contextlib.AbstractContextManager[Any] = (
+        contextlib.nullcontext(sys.stdout) if output is None else atomic_file(output, overwrite)
+    )
+    done = 0
+    with target as out, StageBars(mode=progress_mode(quiet), unit="context") as bars:
 
-            def progress(n: int) -> None:
-                nonlocal done
-                done += n
-                bars("generate", done, len(items))
+        def progress(n: int) -> None:
+            nonlocal done
+            done += n
+            bars("generate", done, len(items))
 
-            run_batches(items, answer, out, batch_size=batch_size, counts=counts, progress=progress)
-    finally:
-        if output is not None:
-            out.close()
+        run_batches(items, answer, out, batch_size=batch_size, counts=counts, progress=progress)
     where = f" -> {output}" if output is not None else ""
     info(
         f"generate: read {counts.read} context(s), wrote {counts.written}, skipped "

@@ -99,6 +99,8 @@ def _parameter(name: str, hint: Any, default: Any, doc: str, *, argument: bool) 
     if choices:
         # Parsed as text and checked with the config values' rule: one line, one style.
         metavar = "[" + "|".join(choices) + "]"
+        if len(metavar) > 32:  # a long list goes in the help, which wraps (80 columns)
+            metavar, help = f"<{name}>", f"{help} One of: {', '.join(choices)}."
         return Annotated[
             str | None if optional else str,
             typer.Option(flag(name), *decls, help=help, metavar=metavar, show_default=show_default),

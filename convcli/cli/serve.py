@@ -58,7 +58,7 @@ def serve(
     except ImportError:
         raise ConvcliError(INSTALL_HINT) from None
 
-    from convcli.serving.app import ENVIRONMENT, app_from_settings
+    from convcli.serving.launch import ENVIRONMENT, app_from_settings
 
     url = f"http://{serve.host}:{serve.port}/"
     if serve.workers > 1:
@@ -71,7 +71,7 @@ def serve(
                 "mmi": to_dict(mmi), "runtime": to_dict(runtime)}  # fmt: skip
         os.environ[ENVIRONMENT] = json.dumps(spec)
         info(f"starting {serve.workers} workers, each loading {model}; chat page: {url}")
-        uvicorn.run("convcli.serving.app:from_environment", factory=True, host=serve.host,
+        uvicorn.run("convcli.serving.launch:from_environment", factory=True, host=serve.host,
                     port=serve.port, workers=serve.workers, log_level="info")  # fmt: skip
         return
 

@@ -6,7 +6,8 @@ The steps: read the file with `weights_only=True` (memory-mapped when it is a zi
 rename its keys to Hugging Face's GPT-2 names, infer the size from the tensors, build
 the model around those very tensors (no random init), compute reference logits in
 float32, cast to the output dtype, write the folder atomically and, before moving it
-into place, load it with plain transformers and compare logits.
+into place, load it with plain transformers and compare logits. Without verification
+the converted tensors are written as they are (`save_weights_folder`): no model is built.
 
 Memory: tensors are converted one at a time and the originals released, so at most
 about two copies of the weights exist (the file's and the float32 one while it is built).
@@ -34,7 +35,13 @@ from convcli.conversion.gpt2 import (
 )
 from convcli.conversion.settings import DTYPES
 from convcli.errors import ConvcliError, UsageError
-from convcli.modelfolder import META_FILE, ModelMeta, quiet_weight_bars, save_model_folder
+from convcli.modelfolder import (
+    META_FILE,
+    ModelMeta,
+    quiet_weight_bars,
+    save_model_folder,
+    save_weights_folder,
+)
 from convcli.outputs import check_output, hold_output, recover_leftovers, write_atomically
 
 if TYPE_CHECKING:
@@ -205,18 +212,23 @@ def _convert(
         value = recorded.get(name)
         if value is not None:
             setattr(config, name, value)
-    model = build_model(config, converted)
-    del converted
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(t.numel() for t in converted.values())
 
     reference: list[torch.Tensor] = []
     inputs: list[torch.Tensor] = []
+    # Without verification the tensors go straight into the folder: no GPT-2 model is
+    # imported or built (importing transformers' modeling code alone costs seconds).
+    weights: Any = converted
     if verify:
         from convcli.conversion.verify import logits_of, sample_inputs
 
+        model = build_model(config, converted)
+        del converted
         inputs = sample_inputs(tok, shape.vocab_size, shape.n_positions)
         reference = logits_of(model, inputs)
         model.to(target)  # parameter by parameter: the float32 copies go as we cast
+        weights = model
+        del model
 
     recorded_types = recorded_meta.get("token_types", hparam(ckpt.hparams, "token_types"))
     token_types = bool(recorded_types) if ckpt.kind == "lightning" else False
@@ -237,15 +249,20 @@ def _convert(
             **({"global_step": ckpt.step} if ckpt.step is not None else {}),
         },
     )
-    holder = [model]
-    del model
+    holder = [weights]
+    del weights
     max_diff: float | None = None
 
     def write(tmp: Path) -> None:
         nonlocal max_diff
         report_progress("save", 0, 1)
-        save_model_folder(holder.pop(), tok, meta, tmp, overwrite=True, extra_files=extra_files)
-        gc.collect()  # the folder is on disk: free this copy before loading it back
+        if verify:
+            save_model_folder(holder.pop(), tok, meta, tmp, overwrite=True, extra_files=extra_files)
+            gc.collect()  # the folder is on disk: free this copy before loading it back
+        else:
+            save_weights_folder(
+                holder.pop(), config, tok, meta, tmp, overwrite=True, extra_files=extra_files
+            )
         report_progress("save", 1, 1)
         if verify:
             from convcli.conversion.verify import verify_folder

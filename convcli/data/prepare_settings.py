@@ -17,7 +17,8 @@ class PrepareSettings:
     """How `prepare` turns dialogue corpora into a shard directory."""
 
     inputs: list[str] = field(default_factory=list)
-    """Input files or globs (JSONL, DialoGPT TSV or plain text; .gz works too)."""
+    """Input files, globs, or folders (a dataset saved to disk, a ConvoKit corpus); .gz works
+    too."""
 
     output: Path | None = None
     """The shard directory to write."""
@@ -32,7 +33,8 @@ class PrepareSettings:
     """Vocabulary size of the trained tokenizer (with `train_tokenizer`)."""
 
     format: Literal[FORMAT_CHOICES] = "auto"  # type: ignore[valid-type]
-    """Input format; auto detects it per file from the extension, else the first line."""
+    """Input format; auto finds it per file from the extension and first lines, and refuses
+    a file that fits none."""
 
     field: str | None = None
     """The column (Parquet, Arrow, dataset folders) or key (chat messages, ShareGPT) that

@@ -16,6 +16,7 @@ and which tokens are trained on are kept.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{manifest_path}: shard format {manifest['version']} is newer than this convcli "
             f"reads ({VERSION}); upgrade convcli"
         )
+    check_manifest(manifest, manifest_path)
     dtype = np.dtype(manifest["dtype"])
     for split in manifest["splits"].values():
         for shard in split["shards"]:
@@ -251,6 +253,87 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not (path / TOKENIZER_DIR).is_dir():
         raise ConvcliError(f"{path}: the tokenizer folder is missing")
     return manifest
+
+
+IDS_DTYPES = ("uint16", "uint32")
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """The manifest's schema: the keys, types and values `Shards` relies on.
+
+    A hand-edited or corrupt manifest is refused in one line instead of a KeyError deep in
+    training; a shard name is a plain file name, so no path from the manifest reads
+    outside its folder.
+    """
+
+    def bad(what: str) -> ConvcliError:
+        return ConvcliError(f"{where}: {what}; run `convcli prepare` again")
+
+    if manifest.get("dtype") not in IDS_DTYPES:
+        raise bad(f"`dtype` is {manifest.get('dtype')!r}, not one of {', '.join(IDS_DTYPES)}")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise bad("`splits` is missing or empty")
+    for split, entry in splits.items():
+        if split not in SPLITS or not isinstance(entry, dict):
+            raise bad(f"`splits` holds {split!r}, not one of {', '.join(SPLITS)}")
+        shards = entry.get("shards")
+        if not isinstance(shards, list):
+            raise bad(f"`splits.{split}.shards` is missing or not a list")
+        for shard in shards:
+            if not isinstance(shard, dict):
+                raise bad(f"`splits.{split}.shards` holds {shard!r}, not a shard entry")
+            name = shard.get("name")
+            if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+                raise bad(f"shard name {name!r} is not a plain file name")
+            for key in ("examples", "tokens"):
+                value = shard.get(key)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise bad(f"shard {name}: `{key}` is {value!r}, not a count")
+    tokenizer = manifest.get("tokenizer", {})
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("fingerprint", ""), str):
+        raise bad("`tokenizer` is not a {fingerprint: ...} object")
+
+
+def check_contents(shards: Shards, vocab_size: int) -> None:
+    """Every shard's arrays, checked in bulk before training: offsets start at 0, never go
+    back and end at the token count; ids are below `vocab_size`; token types are 0 or 1;
+    loss flags use known bits. One vectorised pass per array (cheap next to training)."""
+    from convcli.tokenizer import LOSS_RESPONSE, LOSS_WEIGHTED
+
+    flags = LOSS_RESPONSE | LOSS_WEIGHTED
+    for split in shards.manifest["splits"]:
+        for entry in shards.manifest["splits"][split]["shards"]:
+            name = entry["name"]
+
+            def arr(array: str, entry: dict[str, Any] = entry) -> np.ndarray:
+                file = _file(shards.path, entry["name"], array)
+                return np.memmap(file, dtype=ARRAYS[array] or shards.dtype, mode="r")
+
+            def bad(what: str, name: str = name) -> ConvcliError:
+                return ConvcliError(
+                    f"{shards.path}: shard {name}: {what}; the shard directory is corrupt, "
+                    "run `convcli prepare` again"
+                )
+
+            offsets = arr("offsets")
+            if len(offsets) and (offsets[0] != 0 or offsets[-1] != entry["tokens"]):
+                raise bad(f"offsets run from {offsets[0]} to {offsets[-1]}, not 0 to "
+                          f"{entry['tokens']}")  # fmt: skip
+            step = np.diff(offsets)
+            if len(step) and int(step.min()) < 0:
+                at = int(np.argmax(step < 0))
+                raise bad(f"offsets go back at example {at + 1}")
+            if not entry["tokens"]:
+                continue
+            top = int(arr("ids").max())
+            if top >= vocab_size:
+                raise bad(f"token id {top} is outside the tokenizer's {vocab_size} ids")
+            if int(arr("types").max()) > 1:
+                raise bad(f"token type {int(arr('types').max())} (types are 0 and 1)")
+            if int(arr("mask").max()) > flags:
+                raise bad(f"loss flag {int(arr('mask').max())} (flags are 0 to {flags})")
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:

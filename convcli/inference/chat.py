@@ -75,14 +75,29 @@ class Transcript:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] = self.path.open("a", encoding="utf-8")
+        if not _ends_a_line(self.path):  # a chat killed mid-write: never append onto it
+            self._file.write("\n")
+            self._file.flush()
 
     def write(self, event: str, **fields: Any) -> None:
+        from convcli.outputs import named_os_errors
+
         record = {"event": event, "time": now(), **fields}
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        with named_os_errors(self.path):  # a full disk names the transcript
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+def _ends_a_line(path: Path) -> bool:
+    """Whether the file is empty or ends with a newline."""
+    with path.open("rb") as handle:
+        if handle.seek(0, 2) == 0:
+            return True
+        handle.seek(-1, 2)
+        return handle.read(1) == b"\n"
 
 
 @dataclass
@@ -92,20 +107,25 @@ class TranscriptState:
     opening: list[str]
     history: list[str]
     start: dict[str, Any]
+    cut_lines: list[int] = field(default_factory=list)
+    """Lines left half-written by a chat that was killed (ignored)."""
 
 
 def load_transcript(path: str | Path) -> TranscriptState:
     """The opening turns and history of the last conversation in a transcript.
 
-    A truncated last line (the process died mid-write) is ignored; any other bad line
-    is an error naming the line.
+    A line cut short by a killed chat (the last line, or one followed by the next chat's
+    "start" or "resume") is ignored and listed in `cut_lines`; any other bad line is an
+    error naming the line.
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(f"cannot read transcript: {exc.strerror or exc}", path=str(path)) from exc
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 ({exc.reason})"
+        raise InputError(f"cannot read transcript: {why or exc}", path=str(path)) from exc
     state = TranscriptState(opening=[], history=[], start={})
+    cut: list[int] = []
     for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
@@ -114,8 +134,9 @@ def load_transcript(path: str | Path) -> TranscriptState:
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
         except ValueError as exc:
-            if number == len(lines):
-                break  # a half-written last line
+            if _restarts_after(lines, number):
+                cut.append(number)
+                continue
             raise InputError(f"not a transcript line: {exc}", path=str(path), line=number) from None
         event = record.get("event")
         if event == "start":
@@ -131,7 +152,21 @@ def load_transcript(path: str | Path) -> TranscriptState:
                     "a turn needs 'user' and 'bot' strings", path=str(path), line=number
                 )
             state.history += [user, bot] if bot else [user]  # as ChatSession keeps it
+    state.cut_lines = cut
     return state
+
+
+def _restarts_after(lines: list[str], number: int) -> bool:
+    """Whether line `number` (1-based) was the last a killed chat wrote: nothing follows
+    it, or the next chat's first record ("start" or "resume")."""
+    following = next((t for t in lines[number:] if t.strip()), None)
+    if following is None:
+        return True
+    try:
+        record = json.loads(following)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("event") in ("start", "resume")
 
 
 @dataclass
@@ -163,8 +198,12 @@ def start_conversation(
         return Start(list(opening or []), [], False, [note])
     state = load_transcript(transcript)
     start_opening = opening if opening is not None else state.opening
-    note = f"resuming {transcript}: {len(state.history) // 2} turn(s)"
-    return Start(list(start_opening or []), state.history, True, [note])
+    notes = [
+        f"{transcript}:{line}: ignored a line cut short (a chat killed while writing it)"
+        for line in state.cut_lines
+    ]
+    notes.append(f"resuming {transcript}: {len(state.history) // 2} turn(s)")
+    return Start(list(start_opening or []), state.history, True, notes)
 
 
 def check_opening(model: Any, opening: list[str], budget: int) -> None:

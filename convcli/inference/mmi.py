@@ -135,9 +135,10 @@ def score_candidates(
         hidden = reverse.model.base_model(**inputs).last_hidden_state
         picked = hidden[:, :-1][target[:, 1:]]  # [targets, width]
         logits = reverse.model.get_output_embeddings()(picked).float()
-        logp = torch.log_softmax(logits, dim=-1).gather(1, ids_t[target].unsqueeze(1))
+        # log p(token) = its logit - logsumexp: no vocabulary-sized log_softmax tensor.
+        logp = logits.gather(1, ids_t[target].unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
         row_of = target.nonzero()[:, 0]
-        sums = torch.zeros(len(rows), device=device).index_add_(0, row_of, logp.squeeze(1))
+        sums = torch.zeros(len(rows), device=device).index_add_(0, row_of, logp)
         counts = target.sum(1).clamp(min=1)
     return (sums / counts).tolist()
 

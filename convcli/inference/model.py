@@ -128,6 +128,11 @@ class ConversationModel:
         self.meta = meta
         self.path = path
         self.notes: list[str] = []
+        # Batched calls (MMI candidates, several contexts) on CPU use oneDNN-packed
+        # weights, made on first use; batch-1 calls run the model's own layers.
+        from convcli.inference.packed import pack_batched_linears
+
+        pack_batched_linears(model)
 
     @classmethod
     def from_pretrained(

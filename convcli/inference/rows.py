@@ -338,25 +338,35 @@ def _pick(
     reqs = [requests[rows[b].request] for b in sampled]
     temps = [r.temperature if r.temperature > 0 else 1.0 for r in reqs]
     scores = logits[idx] / torch.tensor(temps, device=logits.device).unsqueeze(1)
-    ordered, order = scores.sort(dim=-1, descending=True)
     vocab = scores.shape[-1]
     dev = logits.device
-    ks = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in reqs], device=dev)
-    ranks = torch.arange(vocab, device=dev).unsqueeze(0)
-    drop = ranks >= ks.unsqueeze(1)
-    ps = torch.tensor([r.top_p for r in reqs], device=dev).unsqueeze(1)
-    probs = ordered.masked_fill(drop, float("-inf")).softmax(-1)
-    before = probs.cumsum(-1) - probs  # probability held by the likelier tokens
-    drop |= (before >= ps) & (ranks > 0)
-    probs = ordered.masked_fill(drop, float("-inf")).softmax(-1)
+    ks = [r.top_k if 0 < r.top_k < vocab else vocab for r in reqs]
+    width = max(ks)
+    # Only the likeliest `width` tokens can be drawn: top-k needs no full sort, and with
+    # neither top-k nor top-p the whole distribution is drawn from as it is.
+    if width < vocab:
+        ordered, order = scores.topk(width, dim=-1)
+    elif any(r.top_p < 1 for r in reqs):
+        ordered, order = scores.sort(dim=-1, descending=True)
+    else:
+        ordered, order = scores, None
+    if order is not None:
+        ranks = torch.arange(width, device=dev).unsqueeze(0)
+        drop = ranks >= torch.tensor(ks, device=dev).unsqueeze(1)
+        ps = torch.tensor([r.top_p for r in reqs], device=dev).unsqueeze(1)
+        probs = ordered.masked_fill(drop, float("-inf")).softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability held by the likelier tokens
+        drop |= (before >= ps) & (ranks > 0)
+        ordered = ordered.masked_fill(drop, float("-inf"))
+    probs = ordered.softmax(-1)
     # Each request draws for its own rows with its own generator, always in the same order.
     by_request: dict[int, list[int]] = {}
     for j, b in enumerate(sampled):
         by_request.setdefault(rows[b].request, []).append(j)
     for r, js in by_request.items():
         sel = torch.tensor(js, device=logits.device)
-        draw = torch.multinomial(probs[sel], 1, generator=generators[r]).squeeze(1)
-        picked[idx[sel]] = order[sel].gather(1, draw.unsqueeze(1)).squeeze(1)
+        draw = torch.multinomial(probs[sel], 1, generator=generators[r])
+        picked[idx[sel]] = (draw if order is None else order[sel].gather(1, draw)).squeeze(1)
     return picked
 
 

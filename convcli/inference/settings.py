@@ -181,6 +181,8 @@ class BatchSettings:
     """Contexts per generate call."""
     on_error: Literal["strict", "skip"] = "strict"
     """A bad input line: stop at it (strict), or count and skip it."""
+    overwrite: bool = False
+    """Replace an existing `output` file (it is replaced only once all answers are written)."""
 
     def __post_init__(self) -> None:
         from convcli.errors import UsageError

@@ -13,7 +13,6 @@ import json
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,6 +27,7 @@ from convcli.inference.messages import messages_to_turns
 from convcli.inference.rows import MMIOptions, RowRequest, RowResult
 from convcli.inference.settings import CHAT_SAMPLING, MMISettings, SamplingSettings
 from convcli.serving.batching import Batcher
+from convcli.serving.responses import Reply
 from convcli.serving.settings import ServeSettings
 from convcli.serving.validation import (
     APIError,
@@ -123,6 +123,12 @@ def create_app(
         error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error")
         return JSONResponse(error.body(), status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault: still an error object, so clients can show it.
+        error = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     @app.middleware("http")
     async def require_key(request: Request, call_next: Any) -> Response:
         key = state.serve.api_key
@@ -175,7 +181,7 @@ def create_app(
             has_reverse=state.batcher.reranker is not None,
         )  # fmt: skip
         row = _row_request(req, state)
-        reply = _Reply(state.name, req)
+        reply = Reply(state.name, req)
         if req.stream:
             return await _stream(request, state, row, reply)
         result = await _answer(request, state, row)
@@ -271,61 +277,7 @@ async def _answer(request: Request, state: State, row: RowRequest) -> RowResult:
     return result
 
 
-class _Reply:
-    """OpenAI's response and chunk objects for one request (one id, one `created`)."""
-
-    def __init__(self, model: str, req: ChatRequest) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.model = model
-        self.req = req
-
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}  # fmt: skip
-
-    @staticmethod
-    def usage(result: RowResult) -> dict[str, int]:
-        return {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        }
-
-    def candidates(self, choice: Any) -> dict[str, Any]:
-        if not (self.req.return_candidates and choice.candidates):
-            return {}
-        return {
-            "candidates": [
-                {**c.to_dict(), "chosen": i == choice.chosen}
-                for i, c in enumerate(choice.candidates)
-            ]
-        }
-
-    def completion(self, result: RowResult) -> dict[str, Any]:
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason,
-                "logprobs": None,
-                **self.candidates(c),
-            }
-            for i, c in enumerate(result.choices)
-        ]
-        return {**self._head("chat.completion"), "choices": choices, "usage": self.usage(result)}
-
-    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {**self._head("chat.completion.chunk"), "choices": choices, **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    def delta(self, index: int, delta: dict[str, Any], finish: str | None = None, **x: Any) -> str:
-        return self.chunk(
-            [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None, **x}]
-        )
-
-
-async def _stream(request: Request, state: State, row: RowRequest, reply: _Reply) -> Response:
+async def _stream(request: Request, state: State, row: RowRequest, reply: Reply) -> Response:
     """Server-sent events: a role chunk per choice, token deltas as they come, a finish
     chunk per choice, usage if asked, then `data: [DONE]`. A client that goes away
     cancels its rows."""
@@ -403,56 +355,3 @@ async def _watch(request: Request, row: RowRequest, awaitable: Any) -> Any:
             assert row.cancelled is not None
             row.cancelled.set()
             raise APIError(499, "the client went away")
-
-
-ENVIRONMENT = "CONVCLI_SERVE"
-"""How `--workers N` hands its settings to each uvicorn worker process (JSON)."""
-
-
-def app_from_settings(
-    model: str,
-    serve: ServeSettings,
-    sampling: SamplingSettings,
-    mmi: MMISettings,
-    runtime: Any,
-    *,
-    on_load_error: Callable[[str], None] | None = None,
-    on_loaded: Callable[[str], None] | None = None,
-) -> FastAPI:
-    """The app for a model folder (and a reverse model): what `convcli serve` runs."""
-    from pathlib import Path
-
-    from convcli.inference.loading import load_models
-
-    name = serve.model_name or Path(model).resolve().name
-
-    def load() -> tuple[ConversationModel, MMIReranker | None]:
-        forward, reranker, notes = load_models(model, mmi, runtime)
-        for note in notes:
-            if on_loaded is not None:
-                on_loaded(f"warning: {note}")
-        if on_loaded is not None:
-            how = f"MMI over {mmi.num_candidates} candidates" if reranker else "sampling"
-            on_loaded(f"serving {model} as {name!r} ({how})")
-        return forward, reranker
-
-    return create_app(
-        load, name=name, serve=serve, sampling=sampling, mmi=mmi, on_load_error=on_load_error
-    )
-
-
-def from_environment() -> FastAPI:
-    """uvicorn's factory in each worker process of `--workers N`."""
-    import os
-
-    from convcli.inference.settings import RuntimeSettings
-    from convcli.settings import build
-
-    spec = json.loads(os.environ[ENVIRONMENT])
-    return app_from_settings(
-        spec["model"],
-        build(ServeSettings, spec["serve"]),
-        build(SamplingSettings, spec["sampling"]),
-        build(MMISettings, spec["mmi"]),
-        build(RuntimeSettings, spec["runtime"]),
-    )

@@ -10,7 +10,6 @@ whose client left (or timed out) while waiting are dropped before they cost anyt
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 import time
@@ -116,17 +115,3 @@ class Batcher:
 
 def _gone(request: RowRequest) -> bool:
     return request.cancelled is not None and request.cancelled.is_set()
-
-
-def stream_to(
-    loop: asyncio.AbstractEventLoop, events: asyncio.Queue[tuple[str, object]]
-) -> tuple[object, object]:
-    """(on_start, on_text) callbacks that post events to an asyncio queue from the worker."""
-
-    def on_start() -> None:
-        loop.call_soon_threadsafe(events.put_nowait, ("start", None))
-
-    def on_text(choice: int, delta: str) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, ("text", (choice, delta)))
-
-    return on_start, on_text

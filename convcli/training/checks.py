@@ -10,11 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from convcli.data.shards import Shards
+from convcli.data.shards import Shards, check_contents
 from convcli.errors import ConvcliError, UsageError
 from convcli.outputs import MARKER, is_output_of, refuse_system_folder, write_marker
 from convcli.tokenizer import ConversationTokenizer
 from convcli.training.callbacks import step_checkpoints
+from convcli.training.checkpoint_files import clean_temporaries, newest_readable
 from convcli.training.settings import PRESETS as PRESET_NAMES
 from convcli.training.settings import TrainSettings
 
@@ -68,32 +69,46 @@ def open_shards(path: Path) -> tuple[Shards, ConversationTokenizer]:
     shards = Shards(path)
     tokenizer = ConversationTokenizer.from_pretrained(shards.tokenizer_path)
     recorded = (shards.manifest.get("tokenizer") or {}).get("fingerprint")
-    if recorded and recorded != tokenizer.fingerprint():
+    if not recorded:  # a swapped tokenizer would go unnoticed
+        raise ConvcliError(
+            f"{path}: the manifest records no tokenizer fingerprint, so its tokenizer folder "
+            "cannot be trusted to be the one the ids were made with; run `convcli prepare` again"
+        )
+    if recorded != tokenizer.fingerprint():
         raise ConvcliError(
             f"{path}: manifest does not match its tokenizer folder (fingerprint {recorded} "
             f"in the manifest, {tokenizer.fingerprint()} on disk); run `convcli prepare` again"
         )
     if "train" not in shards.manifest["splits"] or not len(shards.split("train")):
         raise ConvcliError(f"{path}: the training split is empty; nothing to train on")
+    check_contents(shards, len(tokenizer))  # before the first step, not as a crash in it
     return shards, tokenizer
 
 
-def find_checkpoint(s: TrainSettings) -> Path | None:
-    """The checkpoint to resume from: resume="auto" (newest in the run) or a path."""
+def find_checkpoint(s: TrainSettings) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from: resume="auto" (the newest that reads back in the
+    run) or a path; and warnings for the user (newer checkpoints skipped as unreadable)."""
     if s.resume is None:
-        return None
+        return None, []
     assert s.output is not None
     if s.resume != "auto":
         path = Path(s.resume)
         if not path.is_file():
             raise ConvcliError(f"`resume`: checkpoint not found: {path}", param="resume")
-        return path
+        return path, []
     found = step_checkpoints(s.output / CHECKPOINTS)
     if not found:
         raise ConvcliError(
             f"`resume` auto: nothing to resume in {s.output / CHECKPOINTS}", param="resume"
         )
-    return found[-1][1]
+    path, warnings = newest_readable(found)
+    if path is None:
+        raise ConvcliError(
+            f"`resume` auto: no readable checkpoint in {s.output / CHECKPOINTS} "
+            f"({'; '.join(warnings)})",
+            param="resume",
+        )
+    return path, warnings
 
 
 RUN_PARTS = (CHECKPOINTS, "final", "best", "logs")
@@ -145,6 +160,7 @@ def prepare_output(s: TrainSettings, resuming: bool) -> None:
             shutil.rmtree(path, ignore_errors=True)
     s.output.mkdir(parents=True, exist_ok=True)
     write_marker(s.output, "train")
+    clean_temporaries(s.output / CHECKPOINTS)  # from saves killed midway
 
 
 def check_vocabulary(

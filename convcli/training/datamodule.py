@@ -35,19 +35,25 @@ def relayout(
 ) -> tuple[list[int], list[int], list[int]]:
     """Re-lay an example's turns: reversed and/or cut to `max_length` by whole oldest turns.
 
-    A turn's weight flag is read from the sep that closes it (that sep carries the
-    turn's own flags in `layout`), so weights follow their turns.
+    A turn's weight and reply flags are read from the sep that closes it (that sep carries
+    the turn's own flags in `layout`), so they follow their turns.
     """
     seps = np.flatnonzero(ids == sep_id)
     turns = [ids[a + 1 : b].tolist() for a, b in pairwise(seps)]
     weighted = [bool(flags[b] & LOSS_WEIGHTED) for b in seps[1:]]
+    # Which turns are replies, as prepare marked them (by role: the assistant's; turns an
+    # earlier window trained: none). Reversed, a reply is any turn but the first, as ever.
+    replies: list[bool] | None = [bool(flags[b] & LOSS_RESPONSE) for b in seps[1:]]
     if reverse:
         turns.reverse()
         weighted.reverse()
+        replies = None
     if max_length is not None and len(ids) > max_length:
         turns = truncate_turns(turns, max_length)
         weighted = weighted[len(weighted) - len(turns) :]
-    return layout(turns, sep_id, weighted)
+        if replies is not None:  # the first turn left has no context: no reply
+            replies = [False, *replies[len(replies) - len(turns) + 1 :]][: len(turns)]
+    return layout(turns, sep_id, weighted, replies)
 
 
 def select_labels(ids: np.ndarray, flags: np.ndarray, train_on: str) -> np.ndarray:

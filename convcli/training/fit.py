@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from convcli.errors import ConvcliError, UsageError
+from convcli.errors import ConvcliError, Interrupted, UsageError
 from convcli.modelfolder import ModelMeta, load_model_folder
 from convcli.outputs import hold_output
 from convcli.settings import to_dict, to_yaml
@@ -40,6 +40,7 @@ from convcli.training.callbacks import (
     StderrProgressLines,
     StepCheckpoints,
 )
+from convcli.training.checkpoint_files import AtomicCheckpointIO
 from convcli.training.checks import (
     CHECKPOINTS,
     check_resume,
@@ -56,6 +57,7 @@ from convcli.training.export import FolderExport, tokenizer_files
 from convcli.training.module import ConversationLM
 from convcli.training.schedule import Schedule
 from convcli.training.settings import TrainSettings
+from convcli.training.stopping import SaveOnSignal, Stopped
 
 # GPT-2 shapes. tiny is for trying things out on a laptop (~1M parameters with a small
 # vocabulary): two wide layers learn faster per second of CPU than four narrow ones, and a
@@ -245,7 +247,9 @@ def _train(
     hf_logging.disable_progress_bar()  # one bar (Lightning's) is enough
     say = report if report and _rank_zero_before_launch() else _silent
     shards, tokenizer = open_shards(s.data)
-    checkpoint = find_checkpoint(s)
+    checkpoint, resume_warnings = find_checkpoint(s)
+    for warning in resume_warnings:
+        say(warning)
     pl.seed_everything(s.seed, workers=True, verbose=False)
     model, meta = start_model(s, tokenizer)
     config = model.config.to_dict()  # type: ignore[attr-defined]
@@ -298,6 +302,7 @@ def _train(
         )
     early = [EarlyStop(patience=s.early_stop)] if s.early_stop is not None else []
     module.report = say
+    steps = StepCheckpoints(s.output / CHECKPOINTS, s.save_every, s.keep_checkpoints)
     max_epochs = s.max_epochs if s.max_epochs is not None else (1 if s.max_steps is None else -1)
     with _quiet_lightning():
         try:
@@ -317,7 +322,8 @@ def _train(
                 num_sanity_val_steps=0,
                 logger=_logger(s),
                 callbacks=[
-                    StepCheckpoints(s.output / CHECKPOINTS, s.save_every, s.keep_checkpoints),
+                    steps,
+                    SaveOnSignal(steps),  # after `steps`: it saves through it
                     Reseed(s.seed),
                     best,
                     *early,
@@ -325,6 +331,8 @@ def _train(
                     *callbacks,
                 ],
                 enable_checkpointing=False,
+                # checkpoints complete or absent (DeepSpeed writes its own folders)
+                plugins=[] if "deepspeed" in s.strategy else [AtomicCheckpointIO()],
                 enable_progress_bar=progress in (True, "bar"),
                 enable_model_summary=False,
                 use_distributed_sampler=False,
@@ -335,6 +343,8 @@ def _train(
             raise UsageError(f"Lightning refused the options: {exc}") from None
         try:
             trainer.fit(module, datamodule=data, ckpt_path=str(checkpoint) if checkpoint else None)
+        except Stopped as stop:  # SIGTERM or Ctrl-C: a checkpoint saved at the step's end
+            raise Interrupted(stop.message(), signum=stop.signum, param="resume") from None
         except SystemExit as exc:  # Lightning exits on Ctrl-C and SIGTERM
             if not trainer.interrupted:
                 raise

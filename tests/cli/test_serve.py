@@ -53,30 +53,40 @@ def test_a_model_that_does_not_load_stops_the_server(tmp_path):
     assert "error:" in out.stderr and "nowhere" in out.stderr.splitlines()[-1]
 
 
-@pytest.mark.slow
-def test_serve_answers_over_http_and_stops_on_ctrl_c(trained):
+def start(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """`python -m convcli serve ARGS --port P` in a subprocess; (process, URL) once healthy."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "convcli", "serve", str(trained[0]), "--reverse-model",
-         str(trained[1]), "--port", str(port), "--threads", "1", "--model-name", "tiny"],
+        [sys.executable, "-m", "convcli", "serve", *args, "--port", str(port), "--threads", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the server did not start: {proc.communicate()[1]}")
+        time.sleep(0.1)
+
+
+def hello(url: str) -> str:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}],
+            "temperature": 0, "mmi": False}  # fmt: skip
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    return reply["choices"][0]["message"]["content"]
+
+
+@pytest.mark.slow
+def test_serve_answers_over_http_and_stops_on_ctrl_c(trained):
+    proc, url = start(str(trained[0]), "--reverse-model", str(trained[1]), "--model-name", "tiny")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}],
-                "temperature": 0, "mmi": False}  # fmt: skip
-        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
-        assert reply["choices"][0]["message"]["content"] == "Hi, how are you?"
+        assert hello(url) == "Hi, how are you?"
         assert "convcli chat" in httpx.get(f"{url}/").text
     finally:
         proc.send_signal(signal.SIGINT)
@@ -85,3 +95,15 @@ def test_serve_answers_over_http_and_stops_on_ctrl_c(trained):
     assert proc.returncode == 130, err
     assert "Finished server process" in err
     assert "as 'tiny' (MMI over 8 candidates); chat page: http://127.0.0.1:" in err
+
+
+@pytest.mark.slow
+def test_workers_each_serve_the_model(trained):
+    proc, url = start(str(trained[0]), "--model-name", "tiny", "--workers", "2")
+    try:
+        assert [hello(url) for _ in range(4)] == ["Hi, how are you?"] * 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert "starting 2 workers" in err
+    assert err.count("Started server process") == 2

@@ -194,6 +194,34 @@ def test_no_verify_still_writes_the_same_weights(model, tmp_path, tiny_tokenizer
     assert (logits(loaded.model) - logits(rounded(model, torch.float16))).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("head", ["decoder", "untied"])
+def test_no_verify_writes_the_folder_save_pretrained_writes(
+    dtype, head, model, tmp_path, tiny_tokenizer_dir
+):
+    """Without verification no model is built; the folder must not tell the difference."""
+    import json
+
+    from safetensors.torch import load_file
+
+    if head == "untied":
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    state = dialogpt_state(model, head="weight" if head == "untied" else head)
+    ckpt = save(state, tmp_path / "m.pkl")
+    for verify in (True, False):
+        convert_checkpoint(
+            ckpt, tmp_path / str(verify), tokenizer=tiny_tokenizer_dir, n_head=4,
+            dtype=dtype, verify=verify,
+        )  # fmt: skip
+    built, direct = tmp_path / "True", tmp_path / "False"
+    assert sorted(p.name for p in built.iterdir()) == sorted(p.name for p in direct.iterdir())
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((built / name).read_text()) == json.loads((direct / name).read_text())
+    ours, theirs = load_file(direct / "model.safetensors"), load_file(built / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and ("lm_head.weight" in ours) is (head == "untied")
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_size_is_inferred_from_the_tensors(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 

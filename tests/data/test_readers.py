@@ -273,3 +273,33 @@ def test_the_readme_format_table_examples_read_as_their_format(tmp_path):
         assert all(isinstance(r, Dialogue) for r in corpus), name
         checked.append(name)
     assert checked == ["jsonl", "messages", "sharegpt", "tsv"]
+
+
+def test_field_names_the_key_of_the_messages(tmp_path):
+    record = {"chat": [msg("user", "Hi"), msg("assistant", "Hello")]}
+    path = write_lines(tmp_path / "c.jsonl", [record])
+    (got,) = records(path, format="messages", field="chat")
+    assert got.turns == ["Hi", "Hello"]
+    (bad,) = records(path, format="messages")
+    assert bad.message == 'expected an object with a non-empty "messages" array'
+
+
+def test_prepare_counts_every_record_of_arrays_and_transcripts_with_two_workers(
+    tmp_path, tiny_tokenizer_dir
+):
+    convo = {"conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi"}]}
+    broken = {"conversations": [{"from": "human", "value": "Hello"}, {"from": "bot", "value": "x"}]}
+    array = tmp_path / "s.json"
+    array.write_text(json.dumps([convo] * 300 + [broken] + [convo] * 5, indent=1))
+    transcript = tmp_path / "t.txt"
+    transcript.write_text(("A: hi\nB: yo\nA: tea?\n\n" * 9 + "A: hi\nnobody\n\n") * 10)
+    result = prepare(
+        PrepareSettings(
+            inputs=[str(array), str(transcript)], output=tmp_path / "out",
+            tokenizer=str(tiny_tokenizer_dir), workers=2, on_error="skip",
+        )
+    )  # fmt: skip
+    assert result.formats == {str(array): "sharegpt", str(transcript): "transcript"}
+    assert result.skipped == {"unknown-role": 1, "no-speaker": 10}
+    assert result.dialogues_read == 306 + 100
+    assert result.dialogues_written + sum(result.skipped.values()) == result.dialogues_read

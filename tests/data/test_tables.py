@@ -147,3 +147,27 @@ def test_without_pyarrow_a_one_line_install_hint(tmp_path, monkeypatch):
     assert (
         str(caught.value) == "reading Parquet and Arrow needs pyarrow: pip install 'convcli[arrow]'"
     )
+
+
+def test_a_file_that_is_no_table_is_one_unreadable_record(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text('["a", "b"]\n')
+    (bad,) = Corpus([str(path)], format="parquet")
+    assert bad.reason == "unreadable"
+    assert str(bad.error()).startswith(f"{path}: cannot read as parquet: ")
+
+
+def test_empty_tables_and_rows_without_turns_are_counted(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(messages_table([]), empty)
+    (bad,) = Corpus([str(empty)])
+    assert (bad.reason, str(bad.error())) == ("empty-file", f"{empty}: empty table (no rows)")
+    holes = tmp_path / "holes.parquet"
+    pq.write_table(pa.table({"dialog": [["a", "b"], None, ["c", ""]]}), holes)
+    got = list(Corpus([str(holes)]))
+    assert summary(got) == [
+        (["a", "b"], None, 1), ("not-turns", 2, "row"), ("empty-turn", 3, "row"),
+    ]  # fmt: skip
+    assert str(got[1].error()) == (
+        f"{holes}:row 2: expected a list of strings or of {{role, content}} / {{from, value}} items"
+    )

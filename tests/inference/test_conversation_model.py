@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from convcli.errors import UsageError
 from convcli.inference.model import ConversationModel, GenerationResult, fit_turns
+from convcli.inference.packed import has_packed_weight, packing_available
 from convcli.modelfolder import ModelMeta, save_model_folder
 from convcli.tokenizer import ConversationTokenizer, layout_length
 from tests.conftest import DIALOGUES, tiny_gpt2
+
+PACKABLE = (Conv1D, torch.nn.Linear)
 
 
 @pytest.fixture(scope="session")
@@ -193,3 +197,33 @@ def test_bad_calls_are_usage_errors(forward):
         forward.generate("Hello")
     with pytest.raises(UsageError, match="generation options rejected"):
         forward.generate(["Hello"], num_return_sequences=2, do_sample=False)
+
+
+def test_greedy_replies_are_plain_transformers_generate_in_float32(tiny_model_dir):
+    """The fast path (shared prefill, packed weights for batched rows) changes no token."""
+    import copy
+
+    model = ConversationModel.from_pretrained(tiny_model_dir, device="cpu")
+    plain = copy.deepcopy(model.model)
+    for module in plain.modules():  # back to transformers' own layers
+        if type(module) not in PACKABLE and isinstance(module, PACKABLE):
+            module.__class__ = module.__class__.__bases__[0]
+    contexts = [["Hello"], ["Where do you live?", "I live in a small town.", "Is it nice?"]]
+    kwargs = {"max_new_tokens": 16, "min_new_tokens": 16}
+    for batch in ([contexts[1]], contexts):
+        _, tensors, _ = model.prepare(batch, max_new_tokens=16)
+        with torch.inference_mode():
+            bare = plain.generate(
+                **tensors, pad_token_id=model.tokenizer.pad_token_id,
+                eos_token_id=model.sep_token_id, do_sample=False, **kwargs,
+            )  # fmt: skip
+        ours = model.generate(batch, return_token_ids=True, **kwargs)
+        width = tensors["input_ids"].shape[1]
+        assert ours.token_ids == model.response_ids(bare, width)
+        # The batched rows really took the packed route, and its logits agree.
+        with torch.inference_mode():
+            fast, slow = model.model(**tensors).logits, plain(**tensors).logits
+        assert torch.allclose(fast, slow, atol=1e-5)
+    if packing_available():
+        layers = [m for m in model.model.modules() if isinstance(m, PACKABLE)]
+        assert len(layers) == 2 * 4 + 1 and all(map(has_packed_weight, layers))

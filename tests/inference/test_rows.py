@@ -132,3 +132,15 @@ def test_opening_turns_are_kept_when_old_turns_are_cut(pair):
     fitted = forward.encode_contexts([[persona, *history]], 40, keep_first=1)[0]
     assert fitted[0] == forward.tokenizer.encode(persona)
     assert result.prompt_tokens == sum(len(t) + 1 for t in fitted) + 1 <= 40
+
+
+def test_top_k_and_top_p_narrow_the_draw(pair):
+    forward, _ = pair
+    hot = {"temperature": 3.0, "max_new_tokens": 12}
+    narrow = [RowRequest(["Hello"], top_k=1, seed=s, **hot) for s in range(3)]
+    narrow += [RowRequest(["Hello"], top_p=1e-6, seed=s, **hot) for s in range(3)]
+    wide = [RowRequest(["Hello"], seed=s, **hot) for s in range(3)]
+    results = generate_rows(forward, [*narrow, *wide])
+    texts = [r.choices[0].text for r in results]
+    assert texts[:6] == ["Hi, how are you?"] * 6  # only the likeliest token can be drawn
+    assert len(set(texts[6:])) > 1

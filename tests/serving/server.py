@@ -26,7 +26,7 @@ def running(model: Path, reverse: Path | None = None, **serve: object) -> Iterat
     import uvicorn
 
     from convcli.inference.settings import CHAT_SAMPLING, MMISettings, RuntimeSettings
-    from convcli.serving.app import app_from_settings
+    from convcli.serving.launch import app_from_settings
     from convcli.serving.settings import ServeSettings
 
     port = free_port()

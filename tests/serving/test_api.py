@@ -115,3 +115,17 @@ def test_system_message_is_kept_through_truncation(client, trained):
 def test_models_and_health(client, plain_url):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(f"{plain_url}/health").json()["status"] == "ok"
+
+
+def test_streamed_multibyte_text_equals_the_whole_reply(client):
+    """Byte-level tokens split Japanese characters: no half character is ever sent."""
+    messages = [{"role": "user", "content": "こんにちは"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, temperature=0)
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, temperature=0, stream=True
+    )
+    deltas = [c.choices[0].delta.content for c in stream if c.choices]
+    deltas = [d for d in deltas if d]
+    assert whole.choices[0].message.content == "こんにちは、元気ですか?"
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert not any("\ufffd" in d for d in deltas) and len(deltas) > 1

@@ -91,3 +91,29 @@ def test_dataset_reads_lazily_and_pickles_without_data(make_shards):
     assert dataset.lengths().max() <= 8
     assert np.array_equal(dataset.split.lengths(), Shards(shards).split("train").lengths())
     assert len(pickle.dumps(dataset)) < 2000
+
+
+def test_roles_still_decide_the_labels_when_training_cuts_old_turns(tmp_path, tiny_tokenizer_dir):
+    """A context shorter than prepare's cuts the oldest turns; the user's turns stay
+    untrained (they are no replies by role), as in the prepared example."""
+    import json
+
+    from convcli.data.prepare import PrepareSettings, prepare
+    from convcli.tokenizer import ConversationTokenizer
+
+    roles = ["user", "assistant", "user", "assistant"]
+    texts = ["Hello", "Hi, how are you?", "Do you like tea?", "I am fine, thank you."]
+    source = tmp_path / "chat.jsonl"
+    messages = [{"role": r, "content": t} for r, t in zip(roles, texts, strict=True)]
+    source.write_text(json.dumps({"messages": messages}) + "\n")
+    out = tmp_path / "shards"
+    prepare(PrepareSettings(inputs=[str(source)], output=out, tokenizer=str(tiny_tokenizer_dir),
+                            workers=1, valid_fraction=0.0))  # fmt: skip
+    tokenizer = ConversationTokenizer.from_pretrained(tiny_tokenizer_dir)
+    a, b, c, d = tokenizer.encode_turns(texts)
+    whole = example(out)
+    assert whole["labels"].tolist() == [X, *ignored(a), X, *b, 0, *ignored(c), X, *d, 0]
+    cut = example(out, max_length=len(b) + len(c) + len(d) + 4)  # the first turn goes
+    assert cut["input_ids"].tolist() == [0, *b, 0, *c, 0, *d, 0]
+    # The assistant turn left first has no context: no reply, as the first turn ever is.
+    assert cut["labels"].tolist() == [X, *ignored(b), X, *ignored(c), X, *d, 0]

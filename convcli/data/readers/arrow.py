@@ -28,7 +28,7 @@ from convcli.data.readers.base import (
 )
 from convcli.data.readers.json_records import role_turns
 from convcli.data.readers.sharegpt import ROLES
-from convcli.errors import ConvcliError, InputError
+from convcli.errors import ConvcliError, InputError, first_line
 
 COLUMNS = ("messages", "conversations", "dialog", "dialogue", "turns", "conversation")
 INSTALL = "reading Parquet and Arrow needs pyarrow: pip install 'convcli[arrow]'"
@@ -58,10 +58,20 @@ class Table(Reader):
     def chunks(
         self, path: Path, open: Opener, size: int, options: ReadOptions
     ) -> Iterator[Chunk | BadRecord]:
+        pa = _pyarrow()
         rows = max(1, size // _ROW_BYTES)
         sources: dict[str, int] = {}  # rows read so far, per file
         empty = True
-        for source, batch, names in self.batches(path, open, rows, options):
+        batches = self.batches(path, open, rows, options)
+        while True:
+            try:
+                source, batch, names = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as exc:  # not a table, or a damaged one
+                what = f"cannot read as {self.name}: {first_line(exc)}"
+                yield BadRecord("unreadable", what, str(path))
+                return
             column = _column(names, options.field)
             if column is None:
                 yield BadRecord("no-field", _no_column(names, options.field), source)
@@ -121,7 +131,9 @@ class Parquet(Table):
     def batches(self, path: Path, open: Opener, rows: int, options: ReadOptions) -> Iterator[Any]:
         pa = _pyarrow()
         with open(path) as stream:
-            table = pa.parquet.ParquetFile(stream)
+            # pre_buffer (pyarrow's default) keeps every column chunk read until the file is
+            # closed: memory would grow with the file. Buffered reads of 1 MiB keep it flat.
+            table = pa.parquet.ParquetFile(stream, pre_buffer=False, buffer_size=1 << 20)
             names = table.schema_arrow.names
             column = _column(names, options.field)
             columns = [column] if column else names[:1]

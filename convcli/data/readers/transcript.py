@@ -22,20 +22,25 @@ class Transcript(LineReader):
     blocks = True
 
     def sniff(self, head: Head) -> int:
-        """Sure enough where every line of the head names a speaker and, in each dialogue
-        of three lines or more, a speaker comes back (`key: value` lines name each key
-        once: a config file or a mail header is no transcript)."""
+        """Sure enough where nine lines of ten in the head name a speaker and, in each
+        dialogue of three lines or more, a speaker comes back (`key: value` lines name each
+        key once: a config file or a mail header is no transcript)."""
         blocks: list[list[str]] = [[]]
+        lines = misses = 0
         for line in head.whole_lines()[:200]:
             if not line.strip():
                 blocks.append([])
                 continue
+            lines += 1
             match = SPEAKER.fullmatch(line)
             if match is None:
-                return 0
-            blocks[-1].append(match.group(1))
+                misses += 1
+            else:
+                blocks[-1].append(match.group(1))
         long = [b for b in blocks if len(b) >= 3]
-        return 2 if long and all(len(set(b)) < len(b) for b in long) else 0
+        if not long or misses * 10 > lines:
+            return 0
+        return 2 if all(len(set(b)) < len(b) for b in long) else 0
 
     def parse(
         self, lines: Iterator[Line], source: str, state: Any, options: ReadOptions

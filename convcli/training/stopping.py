@@ -1,0 +1,104 @@
+"""Stopping a run on SIGTERM or Ctrl-C without losing it.
+
+The first signal asks the run to stop: at the end of the optimizer step under way a
+checkpoint is saved (so `--resume auto` continues from there, not from the last
+`save_every`), and the run stops with exit code 128 + the signal (143, 130). A second
+signal aborts at once, saving nothing more. Under several processes, the ranks agree at
+each step end (any rank signalled stops them all), so the save stays collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from convcli.training.callbacks import StepCheckpoints
+
+NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+class Stopped(Exception):
+    """Raised inside `trainer.fit` to end it after a signal (Lightning tears down and
+    re-raises it)."""
+
+    def __init__(self, signum: int, step: int, saved: Path | None) -> None:
+        super().__init__(signum, step, saved)
+        self.signum, self.step, self.saved = signum, step, saved
+
+    def message(self) -> str:
+        name = NAMES.get(signal.Signals(self.signum), f"signal {self.signum}")
+        if self.saved is None:
+            return f"aborted by a second {name}; nothing saved since the last checkpoint"
+        return (
+            f"stopped by {name} at step {self.step}; saved {self.saved}: continue with "
+            "`resume` auto"
+        )
+
+
+def fresh_line() -> str:
+    """A newline: a progress bar may hold the current line (tqdm leaves it unended, on a
+    terminal or not)."""
+    return "\n"
+
+
+class SaveOnSignal(pl.Callback):
+    """On SIGTERM/SIGINT: save a checkpoint at the end of the current step, then stop.
+
+    Put it after `StepCheckpoints` in the callbacks, which it saves through.
+    """
+
+    def __init__(self, checkpoints: StepCheckpoints) -> None:
+        self.checkpoints = checkpoints
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in NAMES:
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now, without saving
+            raise Stopped(signum, 0, None)
+        self.signum = signum
+        sys.stderr.write(
+            f"{fresh_line()}{NAMES[signal.Signals(signum)]}: saving a checkpoint at the end "
+            "of this step, then stopping (Ctrl-C again to abort)\n"
+        )
+        sys.stderr.flush()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # in the middle of an accumulated step: its gradients are not saved
+        stop = self.signum is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        step = trainer.global_step
+        if self.checkpoints.last_saved != step:
+            self.checkpoints.save(trainer)
+        saved = self.checkpoints.directory / f"step-{step:07d}.ckpt"
+        _close_bars(trainer)  # else a bar closed at exit lands under the last message
+        raise Stopped(self.signum or signal.SIGTERM, step, saved)
+
+    def teardown(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+def _close_bars(trainer: pl.Trainer) -> None:
+    bar = trainer.progress_bar_callback
+    for name in ("train_progress_bar", "val_progress_bar"):
+        with contextlib.suppress(Exception):  # a bar not made yet raises
+            getattr(bar, name).close()
