@@ -26,7 +26,7 @@ from convcli.data.readers.base import (
     Record,
     check_turns,
 )
-from convcli.data.readers.json_records import role_turns
+from convcli.data.readers.roles import role_turns
 from convcli.data.readers.sharegpt import ROLES
 from convcli.errors import ConvcliError, InputError, first_line
 
