@@ -8,9 +8,12 @@ transformers first and then reports its peak RSS (ru_maxrss) and wall time:
     baseline          torch.load(weights_only=True) + safetensors.save_file, as stored
     convert ...       convert_checkpoint with the given dtype, with/without verification
 
+The jobs run interleaved `--repeats` times; the table shows medians (time ratios are
+against the baseline's median; float16 writes the baseline's bytes, float32 twice them).
+Torch threads are the command's (`default_threads()`).
 Usage: python benchmarks/convert_memory.py [--format legacy|zip] [--layers 24] [--quick]
-(`legacy` is the pre-zip torch.save format of the released .pkl files; `--quick`
-skips the verified run.)
+[--repeats 3] (`legacy` is the pre-zip torch.save format of the released .pkl files;
+`--quick` skips the verified runs.)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,7 +135,8 @@ def main() -> None:
     parser.add_argument("--format", choices=["legacy", "zip"], default="legacy")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--quick", action="store_true", help="skip the verified conversion")
+    parser.add_argument("--quick", action="store_true", help="skip the verified conversions")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each job")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -153,12 +158,19 @@ def main() -> None:
             f"checkpoint: {args.layers} layers, width {args.width}, fp16, "
             f"{args.format} format, {size_mb:.0f} MiB"
         )
-        jobs = ["baseline", "convert:float32:no-verify", "convert:float16:no-verify"]
+        jobs = ["baseline", "convert:float16:no-verify", "convert:float32:no-verify"]
         if not args.quick:
-            jobs.append("convert:float32:verify")
-        results = {}
-        for i, job in enumerate(jobs):
-            results[job] = run(job, checkpoint, tmp_path / f"out{i}", tokenizer)
+            jobs += ["convert:float16:verify", "convert:float32:verify"]
+        runs: dict[str, list[dict[str, float]]] = {job: [] for job in jobs}
+        for r in range(args.repeats):
+            for i, job in enumerate(jobs):
+                out = tmp_path / f"out{i}-{r}"
+                runs[job].append(run(job, checkpoint, out, tokenizer))
+                _remove(out)
+        results = {
+            job: {key: statistics.median(x[key] for x in values) for key in values[0]}
+            for job, values in runs.items()
+        }
         base = results["baseline"]
         print(
             f"{'job':<28}{'peak MiB':>10}{'above start':>13}{'x file':>8}"
@@ -171,6 +183,17 @@ def main() -> None:
                 f"{above / (base['peak_mb'] - base['start_mb']):>12.2f}"
                 f"{r['seconds']:>9.1f}{r['seconds'] / base['seconds']:>13.2f}"
             )
+        spread = {job: [round(x["seconds"], 1) for x in values] for job, values in runs.items()}
+        print(f"seconds of each repeat: {spread}")
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def _tiny_vocab(tmp: Path) -> str:

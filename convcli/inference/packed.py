@@ -18,7 +18,8 @@ dtype) runs the layer's own forward. Parameters and `state_dict` are untouched.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +43,8 @@ def pack_batched_linears(model: nn.Module) -> int:
     """Route the batched calls of `model`'s linear layers through packed weights.
 
     Returns how many layers were rerouted (0 when the model is not float32 on CPU or
-    oneDNN is missing). Calling it again changes nothing.
+    oneDNN is missing). Calling it again changes nothing. The layers change class (to
+    a subclass of their own), so copies of the model (`copy.deepcopy`) stay correct.
     """
     import torch
     from transformers.pytorch_utils import Conv1D
@@ -52,55 +54,80 @@ def pack_batched_linears(model: nn.Module) -> int:
         return 0
     if not packing_available():
         return 0
+    packed_class = _packed_classes()
     count = 0
     for module in model.modules():
-        if hasattr(module, "_convcli_packing"):
+        if type(module) in packed_class.values():
             count += 1
-        elif isinstance(module, Conv1D):
-            _reroute(module, transposed=True)
-            count += 1
-        elif isinstance(module, torch.nn.Linear):
-            _reroute(module, transposed=False)
+        elif type(module) in (Conv1D, torch.nn.Linear):
+            module.__class__ = packed_class[type(module)]
             count += 1
     return count
 
 
-def _reroute(module: nn.Module, *, transposed: bool) -> None:
-    """Give `module` a forward that sends multi-row inputs through a packed weight.
+def _packed_classes() -> dict[type, type]:
+    """{Conv1D: its packed subclass, nn.Linear: its packed subclass}, made once."""
+    global _CLASSES
+    if _CLASSES is None:
+        import torch
+        from transformers.pytorch_utils import Conv1D
 
-    `transposed`: the weight is stored [in, out] (GPT-2's Conv1D) rather than [out, in].
-    """
+        class PackedConv1D(Conv1D):
+            """GPT-2's Conv1D ([in, out] weight); batched inputs use a packed weight."""
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = _batched(self, x, transposed=True)
+                return super().forward(x) if out is None else out
+
+        class PackedLinear(torch.nn.Linear):
+            """nn.Linear ([out, in] weight); batched inputs use a packed weight."""
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = _batched(self, x, transposed=False)
+                return super().forward(x) if out is None else out
+
+        _CLASSES = {Conv1D: PackedConv1D, torch.nn.Linear: PackedLinear}
+    return _CLASSES
+
+
+_CLASSES: dict[type, type] | None = None
+# Packed weights by layer, outside the modules: oneDNN's opaque tensors cannot be
+# deep-copied or pickled, and a copy of a model must pack its own weights anyway.
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def has_packed_weight(module: nn.Module) -> bool:
+    """Whether a batched call has made this layer's packed weight."""
+    return module in _PACKED
+
+
+def _batched(module: nn.Module, x: torch.Tensor, *, transposed: bool) -> torch.Tensor | None:
+    """`module(x)` through the packed weight, or None when the layer's own forward should
+    run (one row, autograd, another device or dtype)."""
     import torch
 
-    own_forward = module.forward
-    state: dict[str, Any] = {"packed": None, "version": None}
-
-    def packed_weight() -> torch.Tensor:
-        weight = module.weight
-        # Rebuild when the parameter was replaced or changed in place (loading, training).
-        key = (weight.data_ptr(), weight._version)
-        if state["version"] != key:
-            dense = weight.detach()
-            dense = dense.t().contiguous() if transposed else dense.contiguous()
-            state["packed"] = torch.ops.mkldnn._reorder_linear_weight(dense)
-            state["version"] = key
-        return state["packed"]
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        weight = module.weight
-        if (
-            x.dim() < 2
-            or x.shape[0] < 2
-            or x.dtype != torch.float32
-            or weight.dtype != torch.float32
-            or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and weight.requires_grad)
-        ):
-            return own_forward(x)
-        bias = module.bias.detach() if module.bias is not None else None
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(rows, packed_weight(), bias, "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    module.forward = forward  # type: ignore[method-assign]
-    module._convcli_packing = state  # type: ignore[assignment]
+    weight = module.weight
+    if (
+        x.dim() < 2
+        or x.shape[0] < 2
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or x.device.type != "cpu"
+        or (torch.is_grad_enabled() and weight.requires_grad)
+    ):
+        return None
+    # Rebuild when the parameter was replaced or changed in place (loading, training);
+    # inference tensors (made under inference_mode) keep no version counter.
+    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+    cached = _PACKED.get(module)
+    if cached is None or cached[0] != key:
+        dense = weight.detach()
+        dense = dense.t().contiguous() if transposed else dense.contiguous()
+        cached = (key, torch.ops.mkldnn._reorder_linear_weight(dense))
+        _PACKED[module] = cached
+    bias = module.bias.detach() if module.bias is not None else None
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(rows, cached[1], bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -129,3 +129,22 @@ def test_a_save_killed_midway_leaves_no_checkpoint_only_a_temporary(tmp_path):
     assert not target.exists()
     leftovers = [p.name for p in target.parent.iterdir()]
     assert len(leftovers) == 1 and leftovers[0].startswith(".ckpt-tmp-step-0000010.ckpt")
+
+
+def test_a_second_signal_aborts_without_saving(tmp_path, capsys):
+    from convcli.training.callbacks import StepCheckpoints
+    from convcli.training.stopping import SaveOnSignal, Stopped
+
+    stopper = SaveOnSignal(StepCheckpoints(tmp_path, every=10, keep=2))
+    stopper._handle(signal.SIGINT, None)  # what Python runs on the first Ctrl-C
+    with pytest.raises(Stopped) as second:
+        stopper._handle(signal.SIGINT, None)
+
+    assert capsys.readouterr().err == (
+        "\nCtrl-C: saving a checkpoint at the end of this step, then stopping "
+        "(Ctrl-C again to abort)\n"
+    )
+    assert second.value.message() == (
+        "aborted by a second Ctrl-C; nothing saved since the last checkpoint"
+    )
+    assert second.value.signum + 128 == 130 and list(tmp_path.iterdir()) == []
