@@ -190,3 +190,11 @@ def test_the_cli_names_the_split_option(tmp_path, tiny_tokenizer_dir):
     result = CliRunner().invoke(app, [*args, "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert result.stderr.strip().endswith("; read as hf-dataset")
+
+
+def test_a_dataset_folder_that_cannot_be_read_is_refused_before_any_work(tmp_path):
+    folder = save_to_disk(tmp_path / "ds", pa.table({"dialog": [["a", "b"]]}))
+    (folder / "state.json").write_text('{"_split": "train"}')
+    with pytest.raises(InputError) as caught:
+        Corpus([str(folder)])
+    assert str(caught.value) == f"{folder}: not a saved dataset: state.json: no key '_data_files'"
