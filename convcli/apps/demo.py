@@ -17,12 +17,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from importlib.resources import as_file, files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from convcli.errors import ConvcliError
 
 if TYPE_CHECKING:
-    from convcli.training.fit import TrainResult
+    from convcli.training.fit import Progress, TrainResult
     from convcli.training.settings import TrainSettings
 
 MARKER = "demo.json"
@@ -51,6 +51,8 @@ class DemoSettings:
     """Start over instead of reusing finished steps."""
     device: str | None = None
     """Device of the chat (training uses Lightning's automatic choice)."""
+    progress: Literal["bar", "lines", "off"] = "bar"
+    """Training progress on stderr: a bar (a terminal), a line every few seconds, or none."""
 
 
 @dataclass
@@ -233,7 +235,7 @@ def _threads_each() -> int:
     return max(1, (cores or 1) // 2)
 
 
-def _fit(settings: TrainSettings, threads: int, progress: bool) -> TrainResult:
+def _fit(settings: TrainSettings, threads: int, progress: Progress | bool) -> TrainResult:
     """`train` with this many torch threads (also the target of the second process)."""
     import torch
 
@@ -276,7 +278,7 @@ def _train_steps(s: DemoSettings, shards: Path, forward: Path, reverse: Path) ->
     threads = _threads_each()
     if len(todo) == 1:  # a rerun after one of the two was interrupted
         name, settings = todo[0]
-        yield _summary(name, _fit(settings, threads, progress=True))
+        yield _summary(name, _fit(settings, threads, progress=s.progress))
         return
     import multiprocessing
 
@@ -287,7 +289,7 @@ def _train_steps(s: DemoSettings, shards: Path, forward: Path, reverse: Path) ->
     second.start()
     send.close()  # the child holds the sending end: EOF here if it dies
     try:
-        yield _summary(todo[0][0], _fit(todo[0][1], threads, progress=True))
+        yield _summary(todo[0][0], _fit(todo[0][1], threads, progress=s.progress))
         try:
             ok, value = receive.recv()
         except EOFError:

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -37,6 +37,7 @@ from convcli.training.callbacks import (
     EarlyStop,
     Reseed,
     StderrProgressBar,
+    StderrProgressLines,
     StepCheckpoints,
 )
 from convcli.training.checkpoint_files import AtomicCheckpointIO
@@ -68,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024},
 }
 CONFIG_FILE = "train.yaml"
+Progress = Literal["bar", "lines", "off"]
 # Below this many training tokens per parameter, a model from scratch memorises instead of
 # learning language (compute-optimal training uses ~20).
 SMALL_CORPUS_TOKENS_PER_PARAM = 2.0
@@ -189,6 +191,12 @@ def _quiet_lightning() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+def _progress_callbacks(progress: Progress | bool) -> list[pl.Callback]:
+    if progress in (True, "bar"):
+        return [StderrProgressBar()]
+    return [StderrProgressLines()] if progress == "lines" else []
+
+
 def _silent(line: str) -> None:
     """A report that says nothing (module-level: a spawned process must pickle it)."""
 
@@ -214,12 +222,13 @@ def train(
     *,
     report: Callable[[str], None] | None = None,
     callbacks: Sequence[pl.Callback] = (),
-    progress: bool = True,
+    progress: Progress | bool = True,
 ) -> TrainResult:
     """Run `convcli train` with these settings; see the module docstring for the outputs.
 
     `report` receives short progress lines (rank 0 only); `callbacks` are extra
-    Lightning callbacks (tests use one to simulate a crash).
+    Lightning callbacks (tests use one to simulate a crash). `progress` on stderr: "bar"
+    (True; for a terminal), "lines" (a line every few seconds, for a log file) or "off".
     """
     check_settings(s)
     assert s.data is not None and s.output is not None
@@ -236,7 +245,7 @@ def _train(
     *,
     report: Callable[[str], None] | None,
     callbacks: Sequence[pl.Callback],
-    progress: bool,
+    progress: Progress | bool,
 ) -> TrainResult:
     from transformers.utils import logging as hf_logging
 
@@ -326,13 +335,13 @@ def _train(
                     Reseed(s.seed),
                     best,
                     *early,
-                    *([StderrProgressBar()] if progress else []),
+                    *_progress_callbacks(progress),
                     *callbacks,
                 ],
                 enable_checkpointing=False,
                 # checkpoints complete or absent (DeepSpeed writes its own folders)
                 plugins=[] if "deepspeed" in s.strategy else [AtomicCheckpointIO()],
-                enable_progress_bar=progress,
+                enable_progress_bar=progress in (True, "bar"),
                 enable_model_summary=False,
                 use_distributed_sampler=False,
                 log_every_n_steps=min(50, s.val_every),
