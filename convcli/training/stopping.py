@@ -43,9 +43,9 @@ class Stopped(Exception):
 
 
 def fresh_line() -> str:
-    """A newline: a progress bar may hold the current line (tqdm leaves it unended, on a
-    terminal or not)."""
-    return "\n"
+    """A newline when stderr is a terminal, where a progress bar holds the current line
+    (in a log file, progress comes as whole lines)."""
+    return "\n" if sys.stderr.isatty() else ""
 
 
 class SaveOnSignal(pl.Callback):

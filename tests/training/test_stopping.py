@@ -141,7 +141,7 @@ def test_a_second_signal_aborts_without_saving(tmp_path, capsys):
         stopper._handle(signal.SIGINT, None)
 
     assert capsys.readouterr().err == (
-        "\nCtrl-C: saving a checkpoint at the end of this step, then stopping "
+        "Ctrl-C: saving a checkpoint at the end of this step, then stopping "
         "(Ctrl-C again to abort)\n"
     )
     assert second.value.message() == (
