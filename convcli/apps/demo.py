@@ -99,7 +99,13 @@ STEPS = 4
 # Candidate sampling of the chat step: `convcli chat`'s defaults (top-k 50, top-p 0.95)
 # at a lower temperature, which keeps a tiny model's candidates on the patterns it learnt.
 CHAT_TEMPERATURE = 0.5
-CHAT_SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95, "temperature": CHAT_TEMPERATURE}
+
+
+def _chat_sampling() -> dict[str, Any]:
+    """`convcli chat`'s sampling defaults (defined once, in inference/settings.py), cooler."""
+    from convcli.inference.settings import CHAT_SAMPLING
+
+    return replace(CHAT_SAMPLING, temperature=CHAT_TEMPERATURE).generate_kwargs()
 
 
 def _command(
@@ -237,18 +243,12 @@ def _threads_each() -> int:
 
 def _fit(settings: TrainSettings, threads: int, progress: Progress | bool) -> TrainResult:
     """`train` with this many torch threads (also the target of the second process)."""
-    import torch
-
     from convcli.training.fit import train
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     # A killed run resumes from its newest checkpoint; anything else starts over.
     resume = "auto" if any((settings.output / "checkpoints").glob("*.ckpt")) else None
-    try:
-        return train(replace(settings, resume=resume, overwrite=resume is None), progress=progress)
-    finally:
-        torch.set_num_threads(before)
+    again = replace(settings, resume=resume, overwrite=resume is None, threads=threads)
+    return train(again, progress=progress)
 
 
 def _summary(what: str, result: TrainResult) -> StepDone:
@@ -331,7 +331,7 @@ def _chat(
     reverse = ConversationModel.from_pretrained(reverse_dir, device=s.device)
     reranker = MMIReranker(forward, reverse, num_candidates=s.num_candidates)
     samples = read_samples(contexts)
-    results = reranker.respond_batch([x.context for x in samples], seed=s.seed, **CHAT_SAMPLING)
+    results = reranker.respond_batch([x.context for x in samples], seed=s.seed, **_chat_sampling())
     for sample, result in zip(samples, results, strict=True):
         candidates = [(c.text, c.score) for c in result.candidates]
         yield Exchange(sample.context, result.response, sample.reference, candidates)

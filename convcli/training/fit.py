@@ -236,8 +236,21 @@ def train(
     # The run directory is locked for the whole run (rank 0 of the launching process only:
     # the processes Lightning starts run this again, inside the same run).
     lock = hold_output(s.output) if _rank_zero_before_launch() else contextlib.nullcontext()
-    with lock:
+    with lock, _torch_threads(s.threads):
         return _train(s, report=report, callbacks=callbacks, progress=progress)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with this many torch intra-op threads (None: the default), then restore."""
+    from convcli.inference.settings import default_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _train(

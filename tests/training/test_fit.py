@@ -256,3 +256,19 @@ def test_a_short_tiny_run_with_default_settings_learns_a_regular_corpus(tmp_path
     result = train(s, progress=False)
     assert result.schedule is not None and result.schedule.learning_rate == 3e-3
     assert result.val_loss is not None and result.val_loss < math.log(vocab) / 3 / 2
+
+
+class ThreadsSeen(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def on_train_batch_start(self, *args) -> None:
+        self.seen.add(torch.get_num_threads())
+
+
+def test_threads_apply_during_training_and_are_restored(make_shards, tiny_model_dir, tmp_path):
+    before = torch.get_num_threads()
+    seen = ThreadsSeen()
+    s = settings(make_shards(), tmp_path / "run", model=str(tiny_model_dir), max_steps=2, threads=1)
+    train(s, callbacks=[seen], progress=False)
+    assert seen.seen == {1} and torch.get_num_threads() == before
