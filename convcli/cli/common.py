@@ -34,7 +34,7 @@ def friendly_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except Interrupted as exc:  # on a fresh line: a progress bar may hold this one
-            info(f"\n{exc}")
+            info(f"\n{exc}" if sys.stderr.isatty() else str(exc))
             raise typer.Exit(exc.exit_code) from None
         except UsageError as exc:
             info(f"error: {exc}")

@@ -155,9 +155,16 @@ def _devices(value: str) -> int | str:
     return int(value) if re.fullmatch(r"-?\d+", value.strip()) else value
 
 
+# The rank variables of Lightning's own launcher, torchrun, and cluster launchers that start
+# every process themselves (SLURM srun, Open MPI, LSF's jsrun): any non-zero one is not rank 0.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
+                  "PMI_RANK", "JSM_NAMESPACE_RANK")  # fmt: skip
+
+
 def _rank_zero_before_launch() -> bool:
-    """Rank 0 before Lightning has started the other processes (they get these variables)."""
-    return all(int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """Rank 0 before Lightning has started the other processes (they get these variables),
+    or rank 0 of those a cluster launcher started: the one that locks and prepares the run."""
+    return all(int(os.environ.get(v, "0") or 0) == 0 for v in RANK_VARIABLES)
 
 
 @contextlib.contextmanager
@@ -316,6 +323,7 @@ def _train(
     early = [EarlyStop(patience=s.early_stop)] if s.early_stop is not None else []
     module.report = say
     steps = StepCheckpoints(s.output / CHECKPOINTS, s.save_every, s.keep_checkpoints)
+    stopper = SaveOnSignal(steps)
     max_epochs = s.max_epochs if s.max_epochs is not None else (1 if s.max_steps is None else -1)
     with _quiet_lightning():
         try:
@@ -336,7 +344,7 @@ def _train(
                 logger=_logger(s),
                 callbacks=[
                     steps,
-                    SaveOnSignal(steps),  # after `steps`: it saves through it
+                    stopper,  # after `steps`: it saves through it
                     Reseed(s.seed),
                     best,
                     *early,
@@ -367,6 +375,8 @@ def _train(
                     param="resume",
                 ) from None
             raise KeyboardInterrupt from None
+        finally:
+            stopper.restore()  # this process's Ctrl-C and SIGTERM are its own again
         if has_valid and best.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)
         tokens = module.total_tokens()
