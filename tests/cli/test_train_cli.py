@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -237,3 +238,20 @@ def test_summary_says_where_validation_stopped_improving(tmp_path):
     assert early[1].startswith("stopped early at step 260: the validation loss had not improved")
     fine = summary(TrainResult(steps=200, **common))
     assert fine[1] == f"best: {tmp_path / 'best'} holds step 200 (val loss 3.1000)"
+
+
+@pytest.mark.slow
+def test_early_stop_is_reported_with_the_step_best_holds(make_shards, tmp_path):
+    from tests.training.test_fit import overfitting_shards
+
+    run = tmp_path / "run"
+    options = ["--preset", "tiny", "--batch-size", "4", "--max-steps", "60", "--val-every", "5",
+               "--early-stop", "2", "--accelerator", "cpu", "--devices", "1", "-q"]  # fmt: skip
+    result = invoke("-d", overfitting_shards(make_shards), "-o", run, *options)
+    assert result.exit_code == 0, result.stderr
+    stopped = [line for line in result.stderr.splitlines() if line.startswith("stopped early")]
+    assert len(stopped) == 1, result.stderr
+    step, best = map(int, re.findall(r"step (\d+)", stopped[0])[:2])
+    assert step == best + 10 < 60 and f"holds step {best} " in stopped[0]
+    assert json.loads((run / "best" / "convcli.json").read_text())["extra"]["step"] == best
+    assert "tokens per parameter" in result.stderr and "--model gpt2" in result.stderr
