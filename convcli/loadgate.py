@@ -184,14 +184,15 @@ def check_model_type(config: dict[str, Any], where: str) -> None:
 
 
 def check_shapes(folder: Path, config: dict[str, Any]) -> None:
-    """The config's vocab/width/positions/layers must be those of the weights (safetensors).
+    """The config's vocab/width/positions/layers must be those of the weights (safetensors
+    or zip-format .bin).
 
     A config that claims a far larger model than its weights would be built (and its memory
-    allocated) before transformers notices; this reads only the files' headers.
+    allocated) before transformers notices; this reads only the files' headers (indexes).
     """
-    shapes = safetensors_shapes(folder)
+    shapes = safetensors_shapes(folder) or bin_shapes(folder)
     if not shapes:
-        return  # no safetensors (a .bin): transformers checks shapes as it loads
+        return  # an old-format .bin: transformers checks shapes as it loads
     names = {k.removeprefix("transformer."): v for k, v in shapes.items()}
     wte, wpe = names.get("wte.weight"), names.get("wpe.weight")
     layers = {
@@ -231,6 +232,25 @@ def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
         for name, entry in header.items():
             if name != "__metadata__" and isinstance(entry, dict):
                 shapes[name] = list(entry.get("shape") or [])
+    return shapes
+
+
+def bin_shapes(folder: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape in the folder's `pytorch_model*.bin` files of the zip format,
+    memory-mapped (tensors only, nothing read but the index). Old-format files: none."""
+    import torch
+
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(folder.glob("pytorch_model*.bin")):
+        with open(file, "rb") as handle:
+            if handle.read(4) != b"PK\x03\x04":
+                continue
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # unreadable: transformers says why when it loads the folder
+            continue
+        if isinstance(state, dict):
+            shapes.update({k: list(v.shape) for k, v in state.items() if torch.is_tensor(v)})
     return shapes
 
 

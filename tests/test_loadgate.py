@@ -140,9 +140,17 @@ def test_a_foreign_architecture_is_refused_before_building(tmp_path, tiny_model_
     )
 
 
-def test_a_config_larger_than_its_weights_is_refused_before_allocating(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_a_config_larger_than_its_weights_is_refused_before_allocating(
+    tmp_path, tiny_model_dir, weights
+):
     folder = tmp_path / "liar"
     shutil.copytree(tiny_model_dir, folder)
+    if weights == "bin":  # the older file format of the hub's DialoGPT releases
+        from safetensors.torch import load_file
+
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
     # 48 layers of 25600: ~400 GB of float32 if it were built
     edit_config(folder, n_layer=48, n_embd=25600, n_head=32)
 

@@ -350,3 +350,15 @@ def test_a_read_only_folder_is_one_line(tmp_path, tiny_tokenizer_dir, monkeypatc
 
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: {folder}: read-only file system"
+
+
+def test_the_other_processes_of_a_cluster_job_do_not_take_the_lock(tmp_path, monkeypatch):
+    """srun starts every rank itself: rank 0 locks the run directory, the others join it."""
+    run = tmp_path / "run"
+    args = ["train", "-d", str(tmp_path / "no-shards"), "--preset", "tiny", "-o", str(run)]
+    with hold_output(run):  # rank 0 of the job
+        monkeypatch.setenv("SLURM_PROCID", "1")
+        other_rank = runner.invoke(app, args)
+    assert "in use by another convcli run" not in other_rank.stderr
+    missing = tmp_path / "no-shards"
+    assert other_rank.stderr.strip() == f"error: shard directory not found: {missing}"

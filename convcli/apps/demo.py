@@ -17,12 +17,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from importlib.resources import as_file, files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from convcli.errors import ConvcliError
 
 if TYPE_CHECKING:
-    from convcli.training.fit import TrainResult
+    from convcli.training.fit import Progress, TrainResult
     from convcli.training.settings import TrainSettings
 
 MARKER = "demo.json"
@@ -51,6 +51,8 @@ class DemoSettings:
     """Start over instead of reusing finished steps."""
     device: str | None = None
     """Device of the chat (training uses Lightning's automatic choice)."""
+    progress: Literal["bar", "lines", "off"] = "bar"
+    """Training progress on stderr: a bar (a terminal), a line every few seconds, or none."""
 
 
 @dataclass
@@ -97,7 +99,13 @@ STEPS = 4
 # Candidate sampling of the chat step: `convcli chat`'s defaults (top-k 50, top-p 0.95)
 # at a lower temperature, which keeps a tiny model's candidates on the patterns it learnt.
 CHAT_TEMPERATURE = 0.5
-CHAT_SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95, "temperature": CHAT_TEMPERATURE}
+
+
+def _chat_sampling() -> dict[str, Any]:
+    """`convcli chat`'s sampling defaults (defined once, in inference/settings.py), cooler."""
+    from convcli.inference.settings import CHAT_SAMPLING
+
+    return replace(CHAT_SAMPLING, temperature=CHAT_TEMPERATURE).generate_kwargs()
 
 
 def _command(
@@ -233,20 +241,14 @@ def _threads_each() -> int:
     return max(1, (cores or 1) // 2)
 
 
-def _fit(settings: TrainSettings, threads: int, progress: bool) -> TrainResult:
+def _fit(settings: TrainSettings, threads: int, progress: Progress | bool) -> TrainResult:
     """`train` with this many torch threads (also the target of the second process)."""
-    import torch
-
     from convcli.training.fit import train
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     # A killed run resumes from its newest checkpoint; anything else starts over.
     resume = "auto" if any((settings.output / "checkpoints").glob("*.ckpt")) else None
-    try:
-        return train(replace(settings, resume=resume, overwrite=resume is None), progress=progress)
-    finally:
-        torch.set_num_threads(before)
+    again = replace(settings, resume=resume, overwrite=resume is None, threads=threads)
+    return train(again, progress=progress)
 
 
 def _summary(what: str, result: TrainResult) -> StepDone:
@@ -276,7 +278,7 @@ def _train_steps(s: DemoSettings, shards: Path, forward: Path, reverse: Path) ->
     threads = _threads_each()
     if len(todo) == 1:  # a rerun after one of the two was interrupted
         name, settings = todo[0]
-        yield _summary(name, _fit(settings, threads, progress=True))
+        yield _summary(name, _fit(settings, threads, progress=s.progress))
         return
     import multiprocessing
 
@@ -287,7 +289,7 @@ def _train_steps(s: DemoSettings, shards: Path, forward: Path, reverse: Path) ->
     second.start()
     send.close()  # the child holds the sending end: EOF here if it dies
     try:
-        yield _summary(todo[0][0], _fit(todo[0][1], threads, progress=True))
+        yield _summary(todo[0][0], _fit(todo[0][1], threads, progress=s.progress))
         try:
             ok, value = receive.recv()
         except EOFError:
@@ -329,7 +331,7 @@ def _chat(
     reverse = ConversationModel.from_pretrained(reverse_dir, device=s.device)
     reranker = MMIReranker(forward, reverse, num_candidates=s.num_candidates)
     samples = read_samples(contexts)
-    results = reranker.respond_batch([x.context for x in samples], seed=s.seed, **CHAT_SAMPLING)
+    results = reranker.respond_batch([x.context for x in samples], seed=s.seed, **_chat_sampling())
     for sample, result in zip(samples, results, strict=True):
         candidates = [(c.text, c.score) for c in result.candidates]
         yield Exchange(sample.context, result.response, sample.reference, candidates)

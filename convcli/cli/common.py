@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import typer
 
@@ -33,7 +34,7 @@ def friendly_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except Interrupted as exc:  # on a fresh line: a progress bar may hold this one
-            info(f"\n{exc}")
+            info(f"\n{exc}" if sys.stderr.isatty() else str(exc))
             raise typer.Exit(exc.exit_code) from None
         except UsageError as exc:
             info(f"error: {exc}")
@@ -42,7 +43,8 @@ def friendly_errors(command: F) -> F:
             info(f"error: {exc}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            info("\ninterrupted")  # on a fresh line: a progress bar may hold this one
+            # On a fresh line: on a terminal, a progress bar (or ^C) may hold this one.
+            info("\ninterrupted" if sys.stderr.isatty() else "interrupted")
             raise typer.Exit(130) from None
         except OSError as exc:
             line = os_fault(exc)
@@ -69,16 +71,39 @@ def stdin_is_terminal() -> bool:
     return sys.stdin.isatty()
 
 
-class StageBars:
-    """A `progress(stage, done, total)` callback for core functions: one tqdm bar per stage,
-    on stderr. Use it as a context manager so the last bar closes even on errors."""
+def progress_mode(quiet: bool) -> Literal["bar", "lines", "off"]:
+    """How to show progress on stderr: bars on a terminal; in a log file (stderr redirected)
+    a plain line every few seconds, as bar frames would fill it; nothing with `--quiet`."""
+    if quiet:
+        return "off"
+    return "bar" if sys.stderr.isatty() else "lines"
 
-    def __init__(self, label: Callable[[str], str] = str, **tqdm_options: Any) -> None:
+
+class StageBars:
+    """A `progress(stage, done, total)` callback for core functions: one tqdm bar per stage
+    on stderr, or (mode "lines") a plain line every `interval` seconds, or nothing ("off").
+    Use it as a context manager so the last bar closes even on errors."""
+
+    def __init__(
+        self,
+        label: Callable[[str], str] = str,
+        *,
+        mode: Literal["bar", "lines", "off"] = "bar",
+        interval: float = 10.0,
+        **tqdm_options: Any,
+    ) -> None:
         self.label, self.options = label, tqdm_options
+        self.mode, self.interval = mode, interval
         self.stage: str | None = None
         self.bar: Any = None
+        self.last = 0.0
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.mode == "lines":
+            self._line(stage, done, total)
+            return
+        if self.mode == "off":
+            return
         from tqdm import tqdm
 
         if stage != self.stage:
@@ -86,6 +111,16 @@ class StageBars:
             self.stage = stage
             self.bar = tqdm(total=total, desc=self.label(stage), file=sys.stderr, **self.options)
         self.bar.update(done - self.bar.n)
+
+    def _line(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage != self.stage:
+            self.stage, self.last = stage, now  # the first line comes `interval` s in
+            return
+        if now - self.last >= self.interval:
+            self.last = now
+            share = f" ({done / total:.0%})" if total else ""
+            info(f"{self.label(stage).strip()}: {done:,}/{total:,}{share}")
 
     def close(self) -> None:
         if self.bar is not None:

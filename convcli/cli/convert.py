@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from convcli.cli.common import StageBars, info
-from convcli.cli.options import settings_options
+from convcli.cli.common import StageBars, info, progress_mode
+from convcli.cli.options import QuietOption, settings_options
 from convcli.conversion.settings import ConvertSettings
 from convcli.errors import UsageError
 
@@ -14,7 +14,7 @@ CONFIG_FILE = "convert.yaml"
 
 
 @settings_options(settings=ConvertSettings, config="convert", arguments=("checkpoint",))
-def convert(settings: ConvertSettings) -> None:
+def convert(settings: ConvertSettings, quiet: QuietOption = False) -> None:
     """Convert a DialoGPT .pkl or a train .ckpt into a verified model folder.
 
     The size comes from the tensors (file names lie); no code in the file runs.
@@ -23,8 +23,9 @@ def convert(settings: ConvertSettings) -> None:
     the resolved settings are written into it as convert.yaml.
 
     \b
-    Example: convcli convert medium_ft.pkl -o dialogpt-medium \\
-                 --tokenizer gpt2-vocab/
+    Example:
+      convcli convert medium_ft.pkl -o dialogpt-medium \\
+          --tokenizer gpt2-vocab/
     """
     from convcli.conversion.convert import convert_checkpoint
     from convcli.inference.loading import set_threads
@@ -41,7 +42,8 @@ def convert(settings: ConvertSettings) -> None:
     # Verification runs the model: as many torch threads as generate uses (on a busy
     # machine, threads that wait for each other at every op cost more than they give).
     set_threads(None)
-    with StageBars(label=lambda stage: f"{stage:<7}", leave=True) as bars:
+    bars = StageBars(label=lambda stage: f"{stage:<7}", mode=progress_mode(quiet), leave=True)
+    with bars:
         report = convert_checkpoint(
             s.checkpoint, s.output, progress=bars, extra_files={CONFIG_FILE: config}, **options
         )

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from convcli.apps.demo import DemoSettings, Exchange, Finished, Step, StepDone
-from convcli.cli.common import info
+from convcli.cli.common import info, progress_mode
+from convcli.cli.options import QuietOption
 
 DEFAULTS = DemoSettings()
 
@@ -31,6 +32,7 @@ def demo(
         ),
     ] = DEFAULTS.data,
     device: Annotated[str | None, typer.Option(help="Device for the chat.")] = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Run the whole pipeline on the bundled sample data: prepare, train, reverse, MMI chat.
 
@@ -46,7 +48,7 @@ def demo(
 
     settings = DemoSettings(
         output=output, data=data, steps=steps, seed=seed, num_candidates=num_candidates,
-        fresh=fresh, device=device,
+        fresh=fresh, device=device, progress=progress_mode(quiet),
     )  # fmt: skip
     for event in run_demo(settings):
         if isinstance(event, Step):

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from convcli.cli.common import info
-from convcli.cli.options import ExtraOption, extra_options, settings_options
+from convcli.cli.common import StageBars, info, progress_mode
+from convcli.cli.options import ExtraOption, QuietOption, extra_options, settings_options
 from convcli.errors import UsageError
 from convcli.inference.settings import (
     BatchSettings,
@@ -44,6 +44,7 @@ def generate(
     ] = False,
     batch: BatchSettings = BatchSettings(),
     runtime: RuntimeSettings = RuntimeSettings(),
+    quiet: QuietOption = False,
 ) -> None:
     """Generate the next turn of a conversation (with optional MMI reranking).
 
@@ -83,7 +84,7 @@ def generate(
             held.enter_context(hold_output(output))  # a second generate on it fails at once
             inputs = [input] if input is not None and str(input) != "-" else []
             check_output(output, "generate", overwrite=batch.overwrite, inputs=inputs, kind="file")
-        _generate(model, turns, sampling, options, mmi, json_output, batch, runtime)
+        _generate(model, turns, sampling, options, mmi, json_output, batch, runtime, quiet)
 
 
 def _generate(
@@ -95,6 +96,7 @@ def _generate(
     json_output: bool,
     batch: BatchSettings,
     runtime: RuntimeSettings,
+    quiet: bool,
 ) -> None:
     from convcli.inference.loading import load_models
 
@@ -129,7 +131,13 @@ def _generate(
                 typer.echo(" ".join(text.splitlines()))
         return
     _batch_mode(
-        items, counts, output, answer, batch_size=batch.batch_size, overwrite=batch.overwrite
+        items,
+        counts,
+        output,
+        answer,
+        batch_size=batch.batch_size,
+        overwrite=batch.overwrite,
+        quiet=quiet,
     )
 
 
@@ -161,9 +169,8 @@ def _batch_mode(
     *,
     batch_size: int,
     overwrite: bool,
+    quiet: bool,
 ) -> None:
-    from tqdm import tqdm
-
     from convcli.inference.batch import run_batches
     from convcli.outputs import atomic_file
 
@@ -173,9 +180,15 @@ def _batch_mode(
     target: contextlib.AbstractContextManager[Any] = (
         contextlib.nullcontext(sys.stdout) if output is None else atomic_file(output, overwrite)
     )
-    bar = tqdm(total=len(items), unit="context", file=sys.stderr, desc="generate")
-    with target as out, bar:
-        run_batches(items, answer, out, batch_size=batch_size, counts=counts, progress=bar.update)
+    done = 0
+    with target as out, StageBars(mode=progress_mode(quiet), unit="context") as bars:
+
+        def progress(n: int) -> None:
+            nonlocal done
+            done += n
+            bars("generate", done, len(items))
+
+        run_batches(items, answer, out, batch_size=batch_size, counts=counts, progress=progress)
     where = f" -> {output}" if output is not None else ""
     info(
         f"generate: read {counts.read} context(s), wrote {counts.written}, skipped "

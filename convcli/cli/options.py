@@ -276,6 +276,18 @@ def _as_flags(exc: ConvcliError, ctx: typer.Context) -> None:
     exc.args = (re.sub(r"`([a-z][a-z0-9_]*)`", shown, exc.args[0]),)
 
 
+# Every command that shows progress: a CLI concern, so no settings field.
+QuietOption = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="No progress output (summaries, warnings and errors stay). Without a terminal "
+        "on stderr, progress is a line every few seconds.",
+    ),
+]
+
+
 # Shared by generate and chat: options that transformers' generate takes as they are.
 ExtraOption = Annotated[
     list[str] | None,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from convcli.cli.common import StageBars, info
-from convcli.cli.options import settings_options
+from convcli.cli.common import StageBars, info, progress_mode
+from convcli.cli.options import QuietOption, settings_options
 from convcli.data.prepare_settings import PrepareSettings
 
 
 @settings_options(settings=PrepareSettings, config="prepare", arguments=("inputs",))
-def prepare(settings: PrepareSettings) -> None:
+def prepare(settings: PrepareSettings, quiet: QuietOption = False) -> None:
     """Prepare dialogue corpora into shards for training.
 
     Tokenizes each dialogue in the conversation layout; windows long ones by whole turns.
@@ -26,7 +26,7 @@ def prepare(settings: PrepareSettings) -> None:
 
     label = {"tokenizer": "training tokenizer"}.get
     with StageBars(
-        lambda stage: label(stage, "preparing"),
+        lambda stage: label(stage, "preparing"), mode=progress_mode(quiet),
         unit="B", unit_scale=True, unit_divisor=1024, leave=False,
     ) as bars:  # fmt: skip
         result = run(settings, bars)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from convcli.cli.common import info
-from convcli.cli.options import settings_options, with_flags
+from convcli.cli.common import info, progress_mode
+from convcli.cli.options import QuietOption, settings_options, with_flags
 from convcli.training.settings import TrainSettings
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ def report(line: str) -> None:
 
 
 @settings_options(settings=TrainSettings, config="train")
-def train(settings: TrainSettings) -> None:
+def train(settings: TrainSettings, quiet: QuietOption = False) -> None:
     """Fine-tune a model (or train one from a preset) on prepared shards.
 
     Writes RUN_DIR/final/ and RUN_DIR/best/ (Hugging Face folders), checkpoints and logs.
@@ -32,7 +32,7 @@ def train(settings: TrainSettings) -> None:
     """
     from convcli.training.fit import train as run
 
-    result = run(settings, report=report)
+    result = run(settings, report=report, progress=progress_mode(quiet))
     if result.is_global_zero:
         for line in summary(result):
             info(line)

@@ -37,8 +37,8 @@ class PrepareSettings:
     a file that fits none."""
 
     field: str | None = None
-    """The column (Parquet, Arrow, dataset folders) or key (chat messages, ShareGPT) that
-    holds the turns, where it is not one of the usual ones."""
+    """The column (Parquet, Arrow, dataset folders) or key (JSONL objects: turns, chat
+    messages, ShareGPT) that holds the turns, where it is not the usual one."""
 
     split: str | None = None
     """The split to read from a dataset folder of several (default: train)."""

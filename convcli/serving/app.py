@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from convcli.inference.model import ConversationModel
 
 Loader = Callable[[], "tuple[ConversationModel, MMIReranker | None]"]
+# transformers builds models under process-wide init contexts (meta device, patched
+# constructors): two loads at once in one process break each other, so apps take turns.
+_LOADING = threading.Lock()
 
 
 @dataclass
@@ -84,7 +87,8 @@ def create_app(
 
     def load_in_background() -> None:
         try:
-            forward, reranker = load()
+            with _LOADING:
+                forward, reranker = load()
         except Exception as exc:  # shown on /health and to whoever started the server
             state.error = str(exc) if isinstance(exc, ConvcliError) else repr(exc)
             if on_load_error is not None:
@@ -97,8 +101,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=load_in_background, name="convcli-load", daemon=True).start()
+        loader = threading.Thread(target=load_in_background, name="convcli-load", daemon=True)
+        loader.start()
         yield
+        # A load still running would go on after the app is gone (and hold _LOADING).
+        await asyncio.to_thread(loader.join)
         if state.batcher is not None:
             state.batcher.close()
 

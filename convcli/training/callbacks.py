@@ -1,10 +1,12 @@
-"""Lightning callbacks of `convcli train`: checkpoints, reseeding, best/ export, stderr bar."""
+"""Lightning callbacks of `convcli train`: checkpoints, reseeding, best/ export, early stop,
+and progress on stderr (a bar on a terminal, a line every few seconds in a log file)."""
 
 from __future__ import annotations
 
 import contextlib
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,3 +131,37 @@ class StderrProgressBar(TQDMProgressBar):
     def init_validation_tqdm(self):  # type: ignore[no-untyped-def]
         with contextlib.redirect_stdout(sys.stderr):
             return super().init_validation_tqdm()
+
+
+class StderrProgressLines(pl.Callback):
+    """Progress for a log file: one plain line every `interval` seconds, no bar frames.
+
+    A redirected tqdm bar writes a frame (with carriage returns and escapes) per update;
+    this writes `step 120/800 (15%), epoch 3, train_loss 2.314, val_loss 2.907, 1.2 s/step`.
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.last = 0.0
+        self.started = 0.0
+        self.first_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.started = self.last = time.monotonic()
+        self.first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval or not trainer.is_global_zero:
+            return
+        self.last = now
+        step, total = trainer.global_step, trainer.max_steps
+        parts = [f"step {step}/{total} ({step / total:.0%})" if total > 0 else f"step {step}"]
+        parts.append(f"epoch {trainer.current_epoch}")
+        metrics = trainer.callback_metrics
+        parts += [
+            f"{k} {float(metrics[k]):.3f}" for k in ("train_loss", "val_loss") if k in metrics
+        ]
+        if step > self.first_step:
+            parts.append(f"{(now - self.started) / (step - self.first_step):.2f} s/step")
+        print(", ".join(parts), file=sys.stderr, flush=True)

@@ -47,6 +47,7 @@ def check_settings(s: TrainSettings) -> None:
         "keep_checkpoints": s.keep_checkpoints, "num_nodes": s.num_nodes,
         "batch_size": s.batch_size or 1, "max_steps": s.max_steps or 1,
         "max_epochs": s.max_epochs or 1, "early_stop": 1 if s.early_stop is None else s.early_stop,
+        "threads": 1 if s.threads is None else s.threads,
     }  # fmt: skip
     for name, value in positive.items():
         if value < 1:

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -37,6 +37,7 @@ from convcli.training.callbacks import (
     EarlyStop,
     Reseed,
     StderrProgressBar,
+    StderrProgressLines,
     StepCheckpoints,
 )
 from convcli.training.checkpoint_files import AtomicCheckpointIO
@@ -68,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024},
 }
 CONFIG_FILE = "train.yaml"
+Progress = Literal["bar", "lines", "off"]
 # Below this many training tokens per parameter, a model from scratch memorises instead of
 # learning language (compute-optimal training uses ~20).
 SMALL_CORPUS_TOKENS_PER_PARAM = 2.0
@@ -153,9 +155,16 @@ def _devices(value: str) -> int | str:
     return int(value) if re.fullmatch(r"-?\d+", value.strip()) else value
 
 
+# The rank variables of Lightning's own launcher, torchrun, and cluster launchers that start
+# every process themselves (SLURM srun, Open MPI, LSF's jsrun): any non-zero one is not rank 0.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
+                  "PMI_RANK", "JSM_NAMESPACE_RANK")  # fmt: skip
+
+
 def _rank_zero_before_launch() -> bool:
-    """Rank 0 before Lightning has started the other processes (they get these variables)."""
-    return all(int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """Rank 0 before Lightning has started the other processes (they get these variables),
+    or rank 0 of those a cluster launcher started: the one that locks and prepares the run."""
+    return all(int(os.environ.get(v, "0") or 0) == 0 for v in RANK_VARIABLES)
 
 
 @contextlib.contextmanager
@@ -180,6 +189,12 @@ def _quiet_lightning() -> Iterator[None]:
         finally:
             for lg, level in zip(loggers, levels, strict=True):
                 lg.setLevel(level)
+
+
+def _progress_callbacks(progress: Progress | bool) -> list[pl.Callback]:
+    if progress in (True, "bar"):
+        return [StderrProgressBar()]
+    return [StderrProgressLines()] if progress == "lines" else []
 
 
 def _silent(line: str) -> None:
@@ -207,12 +222,13 @@ def train(
     *,
     report: Callable[[str], None] | None = None,
     callbacks: Sequence[pl.Callback] = (),
-    progress: bool = True,
+    progress: Progress | bool = True,
 ) -> TrainResult:
     """Run `convcli train` with these settings; see the module docstring for the outputs.
 
     `report` receives short progress lines (rank 0 only); `callbacks` are extra
-    Lightning callbacks (tests use one to simulate a crash).
+    Lightning callbacks (tests use one to simulate a crash). `progress` on stderr: "bar"
+    (True; for a terminal), "lines" (a line every few seconds, for a log file) or "off".
     """
     check_settings(s)
     assert s.data is not None and s.output is not None
@@ -220,8 +236,21 @@ def train(
     # The run directory is locked for the whole run (rank 0 of the launching process only:
     # the processes Lightning starts run this again, inside the same run).
     lock = hold_output(s.output) if _rank_zero_before_launch() else contextlib.nullcontext()
-    with lock:
+    with lock, _torch_threads(s.threads):
         return _train(s, report=report, callbacks=callbacks, progress=progress)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with this many torch intra-op threads (None: the default), then restore."""
+    from convcli.inference.settings import default_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _train(
@@ -229,7 +258,7 @@ def _train(
     *,
     report: Callable[[str], None] | None,
     callbacks: Sequence[pl.Callback],
-    progress: bool,
+    progress: Progress | bool,
 ) -> TrainResult:
     from transformers.utils import logging as hf_logging
 
@@ -294,6 +323,7 @@ def _train(
     early = [EarlyStop(patience=s.early_stop)] if s.early_stop is not None else []
     module.report = say
     steps = StepCheckpoints(s.output / CHECKPOINTS, s.save_every, s.keep_checkpoints)
+    stopper = SaveOnSignal(steps)
     max_epochs = s.max_epochs if s.max_epochs is not None else (1 if s.max_steps is None else -1)
     with _quiet_lightning():
         try:
@@ -314,17 +344,17 @@ def _train(
                 logger=_logger(s),
                 callbacks=[
                     steps,
-                    SaveOnSignal(steps),  # after `steps`: it saves through it
+                    stopper,  # after `steps`: it saves through it
                     Reseed(s.seed),
                     best,
                     *early,
-                    *([StderrProgressBar()] if progress else []),
+                    *_progress_callbacks(progress),
                     *callbacks,
                 ],
                 enable_checkpointing=False,
                 # checkpoints complete or absent (DeepSpeed writes its own folders)
                 plugins=[] if "deepspeed" in s.strategy else [AtomicCheckpointIO()],
-                enable_progress_bar=progress,
+                enable_progress_bar=progress in (True, "bar"),
                 enable_model_summary=False,
                 use_distributed_sampler=False,
                 log_every_n_steps=min(50, s.val_every),
@@ -345,6 +375,8 @@ def _train(
                     param="resume",
                 ) from None
             raise KeyboardInterrupt from None
+        finally:
+            stopper.restore()  # this process's Ctrl-C and SIGTERM are its own again
         if has_valid and best.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)
         tokens = module.total_tokens()

@@ -81,6 +81,10 @@ class TrainSettings:
     """Number of machines (Lightning num_nodes)."""
     strategy: str = "auto"
     """Lightning strategy: auto, ddp, fsdp, deepspeed, ..."""
+    threads: int | None = None
+    """CPU threads for torch (intra-op) in each training process. Default: OMP_NUM_THREADS
+    if set, else half of this machine's CPUs (at most 8): on a busy machine, threads that
+    wait for each other at every op cost more than they give."""
     num_workers: int = 0
     """DataLoader worker processes (0: load in the training process)."""
     overwrite: bool = False

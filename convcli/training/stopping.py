@@ -10,6 +10,7 @@ each step end (any rank signalled stops them all), so the save stays collective.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -42,28 +43,43 @@ class Stopped(Exception):
 
 
 def fresh_line() -> str:
-    """A newline: a progress bar may hold the current line (tqdm leaves it unended, on a
-    terminal or not)."""
-    return "\n"
+    """A newline when stderr is a terminal, where a progress bar holds the current line
+    (in a log file, progress comes as whole lines)."""
+    return "\n" if sys.stderr.isatty() else ""
 
 
 class SaveOnSignal(pl.Callback):
     """On SIGTERM/SIGINT: save a checkpoint at the end of the current step, then stop.
 
-    Put it after `StepCheckpoints` in the callbacks, which it saves through.
+    Put it after `StepCheckpoints` in the callbacks, which it saves through, and call
+    `restore` once fit has ended (Lightning skips `teardown` hooks when fit raises).
     """
 
     def __init__(self, checkpoints: StepCheckpoints) -> None:
         self.checkpoints = checkpoints
         self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
+        # The handlers before fit (Lightning adds its own during fit, and removes them).
+        self.previous: dict[int, Any] = {s: signal.getsignal(s) for s in NAMES}
+        self.owner = 0  # the process that installed ours
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
+            self.owner = os.getpid()
             for signum in NAMES:
-                self.previous[signum] = signal.signal(signum, self._handle)
+                signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        """Put the handlers of before fit back (after fit, however it ended)."""
+        if self.owner == os.getpid():
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
+            self.owner = 0
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.owner and os.getpid() != self.owner:  # a forked worker inherited it: as usual
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.signum is not None:  # a second signal: stop now, without saving
             raise Stopped(signum, 0, None)
         self.signum = signum
@@ -92,9 +108,7 @@ class SaveOnSignal(pl.Callback):
         raise Stopped(self.signum or signal.SIGTERM, step, saved)
 
     def teardown(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
+        self.restore()
 
 
 def _close_bars(trainer: pl.Trainer) -> None:

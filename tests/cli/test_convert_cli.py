@@ -26,7 +26,10 @@ def convert_args(checkpoint: Path, out: Path, tokenizer: Path) -> list[str]:
     return ["convert", str(checkpoint), "-o", str(out), "--tokenizer", str(tokenizer)]
 
 
-def test_convert_writes_a_folder_and_one_summary_line(pkl, tmp_path, tiny_tokenizer_dir):
+def test_convert_writes_a_folder_and_one_summary_line(
+    pkl, tmp_path, tiny_tokenizer_dir, monkeypatch
+):
+    monkeypatch.setattr("convcli.cli.convert.progress_mode", lambda quiet: "bar")  # a terminal
     out = tmp_path / "out"
     args = convert_args(pkl, out, tiny_tokenizer_dir)
     result = runner.invoke(app, [*args, "--n-head", "4", "--reverse"])

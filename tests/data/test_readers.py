@@ -282,6 +282,8 @@ def test_field_names_the_key_of_the_messages(tmp_path):
     assert got.turns == ["Hi", "Hello"]
     (bad,) = records(path, format="messages")
     assert bad.message == 'expected an object with a non-empty "messages" array'
+    turns = write_lines(tmp_path / "t.jsonl", [{"lines": ["a", "b"]}])
+    assert records(turns, format="jsonl", field="lines")[0].turns == ["a", "b"]
 
 
 def test_prepare_counts_every_record_of_arrays_and_transcripts_with_two_workers(

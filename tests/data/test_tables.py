@@ -171,3 +171,30 @@ def test_empty_tables_and_rows_without_turns_are_counted(tmp_path):
     assert str(got[1].error()) == (
         f"{holes}:row 2: expected a list of strings or of {{role, content}} / {{from, value}} items"
     )
+
+
+def test_the_cli_names_the_split_option(tmp_path, tiny_tokenizer_dir):
+    from typer.testing import CliRunner
+
+    from convcli.cli.app import app
+
+    both = tmp_path / "dict"
+    save_to_disk(both / "train", pa.table({"dialog": [["t1", "t2"]]}))
+    (both / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    args = ["prepare", str(both), "-o", str(tmp_path / "o"), "--tokenizer", str(tiny_tokenizer_dir)]
+    result = CliRunner().invoke(app, [*args, "--split", "dev"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"error: {both}: no split 'dev'; its splits: train (choose one with --split)"
+    )
+    result = CliRunner().invoke(app, [*args, "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().endswith("; read as hf-dataset")
+
+
+def test_a_dataset_folder_that_cannot_be_read_is_refused_before_any_work(tmp_path):
+    folder = save_to_disk(tmp_path / "ds", pa.table({"dialog": [["a", "b"]]}))
+    (folder / "state.json").write_text('{"_split": "train"}')
+    with pytest.raises(InputError) as caught:
+        Corpus([str(folder)])
+    assert str(caught.value) == f"{folder}: not a saved dataset: state.json: no key '_data_files'"

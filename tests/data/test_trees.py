@@ -114,3 +114,14 @@ def test_prepare_counts_tree_skips_and_strict_names_the_line(
     assert result.manifest["sources"][0]["bytes"] > 0
     with pytest.raises(InputError, match=r"utterances\.jsonl:9: utterance 'o1' replies to 'gone'"):
         run()
+
+
+def test_a_conversation_too_large_to_hold_is_cut_and_counted(corpus_dir, monkeypatch):
+    from convcli.data.readers import REASONS, trees
+
+    monkeypatch.setattr(trees, "MAX_CONVERSATION", 300)  # bytes: about two utterances
+    got = [r for c in Corpus([str(corpus_dir)]).chunks(100) for r in parse_chunk(c)]
+    assert all(r.reason in REASONS for r in got if isinstance(r, BadRecord))
+    reasons = [r.reason for r in got if isinstance(r, BadRecord)]
+    assert reasons.count("orphan") > 1  # replies cut from their parents, counted
+    assert len(got) >= 8

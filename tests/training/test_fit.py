@@ -223,3 +223,52 @@ def test_schedule_defaults_by_starting_point_and_run_length(lr, warmup, preset, 
     chosen = choose_schedule(lr, warmup, preset, total)
     assert (chosen.learning_rate, chosen.warmup_steps) == expected
     assert ("default" in chosen.describe()) == (lr is None)
+
+
+NAMES = ["Anna", "Ben", "Carl", "Dora", "Eve", "Finn", "Gus", "Hana", "Ivan", "Jane", "Kai",
+         "Lena", "Max", "Nora", "Omar", "Pia"]  # fmt: skip
+FOODS = ["tea", "rice", "bread", "soup", "fish", "cake", "apples", "pasta"]
+
+
+@pytest.mark.slow
+def test_a_short_tiny_run_with_default_settings_learns_a_regular_corpus(tmp_path):
+    # Replies that follow from the message (names and foods copied into templates): a model
+    # that learns predicts held-out replies it never saw. Measured: 0.09 with these defaults
+    # (ln V = 5.7); 2.09, above ln V / 3, with the old ones (peak lr 1e-4, 100 warmup steps).
+    import math
+
+    from convcli.data.prepare import prepare
+    from convcli.data.prepare_settings import PrepareSettings
+
+    dialogues = [[f"Hello, I am {n}.", f"Nice to meet you, {n}."] for n in NAMES]
+    dialogues += [
+        [f"Do you like {f}, {n}?", f"Yes, {n}, I like {f}."] for n in NAMES for f in FOODS
+    ]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"turns": d}) + "\n" for d in dialogues))
+    shards = tmp_path / "shards"
+    prepare(PrepareSettings(inputs=[str(corpus)], output=shards, train_tokenizer=True,
+                            vocab_size=300, valid_fraction=0.1, workers=1))  # fmt: skip
+    vocab = len(json.loads((shards / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
+
+    s = TrainSettings(data=shards, output=tmp_path / "run", preset="tiny", max_steps=150,
+                      batch_tokens=256, val_every=150, accelerator="cpu", devices="1")  # fmt: skip
+    result = train(s, progress=False)
+    assert result.schedule is not None and result.schedule.learning_rate == 3e-3
+    assert result.val_loss is not None and result.val_loss < math.log(vocab) / 3 / 2
+
+
+class ThreadsSeen(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def on_train_batch_start(self, *args) -> None:
+        self.seen.add(torch.get_num_threads())
+
+
+def test_threads_apply_during_training_and_are_restored(make_shards, tiny_model_dir, tmp_path):
+    before = torch.get_num_threads()
+    seen = ThreadsSeen()
+    s = settings(make_shards(), tmp_path / "run", model=str(tiny_model_dir), max_steps=2, threads=1)
+    train(s, callbacks=[seen], progress=False)
+    assert seen.seen == {1} and torch.get_num_threads() == before

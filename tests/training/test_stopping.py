@@ -129,3 +129,33 @@ def test_a_save_killed_midway_leaves_no_checkpoint_only_a_temporary(tmp_path):
     assert not target.exists()
     leftovers = [p.name for p in target.parent.iterdir()]
     assert len(leftovers) == 1 and leftovers[0].startswith(".ckpt-tmp-step-0000010.ckpt")
+
+
+def test_a_second_signal_aborts_without_saving(tmp_path, capsys):
+    from convcli.training.callbacks import StepCheckpoints
+    from convcli.training.stopping import SaveOnSignal, Stopped
+
+    stopper = SaveOnSignal(StepCheckpoints(tmp_path, every=10, keep=2))
+    stopper._handle(signal.SIGINT, None)  # what Python runs on the first Ctrl-C
+    with pytest.raises(Stopped) as second:
+        stopper._handle(signal.SIGINT, None)
+
+    assert capsys.readouterr().err == (
+        "Ctrl-C: saving a checkpoint at the end of this step, then stopping "
+        "(Ctrl-C again to abort)\n"
+    )
+    assert second.value.message() == (
+        "aborted by a second Ctrl-C; nothing saved since the last checkpoint"
+    )
+    assert second.value.signum + 128 == 130 and list(tmp_path.iterdir()) == []
+
+
+def test_a_crashed_run_gives_the_signals_back(make_shards, tmp_path):
+    from tests.training.test_fit import Crash
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(settings(make_shards(), tmp_path / "run", preset="tiny", max_steps=4),
+              callbacks=[Crash(at=2)], progress=False)  # fmt: skip
+    # else a later Ctrl-C (or a pool's SIGTERM to its forked workers) would be swallowed
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

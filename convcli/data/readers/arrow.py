@@ -26,7 +26,7 @@ from convcli.data.readers.base import (
     Record,
     check_turns,
 )
-from convcli.data.readers.json_records import role_turns
+from convcli.data.readers.roles import role_turns
 from convcli.data.readers.sharegpt import ROLES
 from convcli.errors import ConvcliError, InputError, first_line
 
@@ -176,15 +176,22 @@ class DatasetFolder(Table):
     def claims(self, folder: Path) -> bool:
         return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
+    def check_input(self, path: Path, options: ReadOptions) -> None:
+        _data_files(_split_folder(path, options.split))
+
     def batches(self, path: Path, open: Opener, rows: int, options: ReadOptions) -> Iterator[Any]:
-        folder = _split_folder(path, options.split)
-        try:
-            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-            files = [folder / f["filename"] for f in state["_data_files"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"not a dataset folder: state.json: {exc}", path=str(folder)) from None
-        for file in files:
+        for file in _data_files(_split_folder(path, options.split)):
             yield from _ipc_batches(file, open)
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The Arrow files of a saved dataset, in order, as its state.json lists them."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        return [folder / f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        what = first_line(exc) if not isinstance(exc, KeyError) else f"no key {exc}"
+        raise InputError(f"not a saved dataset: state.json: {what}", path=str(folder)) from None
 
 
 def _split_folder(path: Path, split: str | None) -> Path:

@@ -155,6 +155,10 @@ class Reader:
     def check(self) -> None:
         """Raise a `ConvcliError` saying what to install if this reader cannot work here."""
 
+    def check_input(self, path: Path, options: ReadOptions) -> None:
+        """Raise an `InputError` for an input that cannot be read at all with these options
+        (before any work starts; what is wrong inside an input is a record's business)."""
+
     def claims(self, folder: Path) -> bool:
         """Whether a folder is one input of this format (only with `directories`)."""
         return False

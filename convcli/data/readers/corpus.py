@@ -109,6 +109,8 @@ class Corpus:
         self.formats: dict[str, str] = {str(f): self._format(f) for f in self.files}
         for name in set(self.formats.values()):
             READERS[name].check()  # a missing extra: one line saying what to install
+        for path in self.files:
+            READERS[self.formats[str(path)]].check_input(path, options)
         self._done_bytes = 0
         self._handle: BinaryIO | None = None
 

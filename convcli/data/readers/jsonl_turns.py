@@ -27,7 +27,7 @@ class JsonlTurns(JsonRecords):
         return 1 if lines and lines[0].lstrip("\ufeff \t")[:1] in ("[", "{") else 0
 
     def record(self, value: Any, source: str, line: int, options: ReadOptions) -> Record:
-        turns = value.get("turns") if isinstance(value, dict) else value
+        turns = value.get(options.field or "turns") if isinstance(value, dict) else value
         if not isinstance(turns, list) or not set(map(type, turns)) <= {str}:
             return BadRecord("not-turns", NOT_TURNS, source, line)
         return check_turns(turns, None, source, line, minimum=options.min_turns)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from convcli.data.readers.base import ReadOptions, Record, Role
-from convcli.data.readers.json_records import JsonRecords, role_turns
+from convcli.data.readers.json_records import JsonRecords
+from convcli.data.readers.roles import role_turns
 
 # The names ShareGPT dumps use for each side.
 ROLES: dict[str, Role] = {

@@ -6,8 +6,10 @@ Each root-to-leaf path is a dialogue, as DialoGPT's Reddit extractor makes them
 `max_depth` drops replies deeper than that many turns. A conversation is read whole, so
 memory is its utterances, not the corpus's: the utterances of a conversation must be on
 consecutive lines, as ConvoKit writes them (a conversation that comes back later is read
-as another one, whose replies to the first part are counted as orphans). The paths of a
-conversation are many: their turns add up to (paths x depth), which `max_depth` bounds.
+as another one, whose replies to the first part are counted as orphans), and one over
+`MAX_CONVERSATION` bytes is read in parts (the same: its later replies become orphans).
+The paths of a conversation are many: their turns add up to (paths x depth), which
+`max_depth` bounds.
 
 Counted skips, per conversation: several roots (the whole conversation); a reply whose
 parent is missing (the orphan and its replies); a cycle (its utterances and replies).
@@ -34,6 +36,7 @@ from convcli.data.readers.json_records import first_record
 from convcli.data.readers.lines import Line, LineReader, json_error
 
 UTTERANCES = "utterances.jsonl"
+MAX_CONVERSATION = 64 << 20  # bytes of one conversation read whole, at most
 FIELDS = ("id", "conversation_id", "reply_to", "text")
 _CONVERSATION = re.compile(rb'"conversation_id"\s*:\s*("(?:[^"\\]|\\.)*"|[^\s,}]+)')
 
@@ -71,7 +74,11 @@ class ReplyTrees(LineReader):
         return super().chunks(path / UTTERANCES if path.is_dir() else path, open, size, options)
 
     def cut_at(self, data: bytearray, end: int, searched: int) -> int:
-        """Before the first line of the last conversation read (it may go on)."""
+        """Before the first line of the last conversation read (it may go on). A
+        conversation over `MAX_CONVERSATION` bytes is cut anyway: memory stays bounded, and
+        its later replies are counted as orphans."""
+        if end > MAX_CONVERSATION:
+            return end
         last: bytes | None = None
         stop = end - 1  # the newline that ends the line looked at
         while stop >= 0:
