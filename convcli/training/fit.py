@@ -180,6 +180,8 @@ def _quiet_lightning() -> Iterator[None]:
             ".*smaller than the logging interval.*",
             ".*Checkpoint directory .* exists and is not empty.*",
             ".*`isinstance.*LeafSpec.*",
+            # a run resumed without `early_stop` that had it before: the user's choice
+            ".*callbacks used to create the checkpoint need to be provided.*EarlyStop.*",
             # val_loss/val_ppl are reduced across ranks by the module before logging
             ".*It is recommended to use `self.log\\('val_.*sync_dist=True.*",
         ):

@@ -255,3 +255,15 @@ def test_early_stop_is_reported_with_the_step_best_holds(make_shards, tmp_path):
     assert step == best + 10 < 60 and f"holds step {best} " in stopped[0]
     assert json.loads((run / "best" / "convcli.json").read_text())["extra"]["step"] == best
     assert "tokens per parameter" in result.stderr and "--model gpt2" in result.stderr
+
+    # Resumed without --early-stop: Lightning's "callbacks used to create the checkpoint"
+    # hint about the dropped callback is not shown.
+    import warnings
+
+    more = [*options[:5], str(step + 5), *options[6:8], "--accelerator", "cpu", "--devices", "1"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = invoke("-d", run.parent / "shards", "-o", run, *more, "--resume", "auto", "-q")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert f"trained {step + 5} steps" in resumed.stderr
+    assert not [w for w in caught if "callbacks used to create" in str(w.message)]
