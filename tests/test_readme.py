@@ -19,7 +19,8 @@ CLI = typer.main.get_command(app)  # a TyperGroup (typer 0.29 vendors its own cl
 
 def _blocks() -> list[tuple[str, str]]:
     """(language, body) of every fenced code block."""
-    return re.findall(r"^```(\w*)\n(.*?)^```", README, flags=re.S | re.M)
+    # Blocks inside list items are indented.
+    return re.findall(r"^ *```(\w*)\n(.*?)^ *```", README, flags=re.S | re.M)
 
 
 def readme_commands() -> list[str]:
@@ -34,11 +35,13 @@ def readme_commands() -> list[str]:
                 line = line[2:]
             elif lang != "sh":
                 continue
-            # A line like `python3 -m venv ... && convcli demo`: the convcli part of it.
+            # A line like `python3 -m venv ... && convcli demo`: the convcli part of it; also
+            # what a launcher runs (`srun convcli ...`, `torchrun ... -m convcli ...`).
             for part in re.split(r"&&|\|", line):
-                part = part.strip()
-                if part.startswith("convcli "):
-                    commands.append(re.split(r"\s[<>]\s?", part)[0].split("  #")[0].strip())
+                found = re.match(r"(?:srun |torchrun .*?\s-m )?(convcli .*)", part.strip())
+                if found:
+                    command = re.split(r"\s\d?[<>]\s?", found.group(1))[0]
+                    commands.append(command.split("  #")[0].strip())
     return commands
 
 

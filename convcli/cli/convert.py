@@ -23,8 +23,9 @@ def convert(settings: ConvertSettings, quiet: QuietOption = False) -> None:
     the resolved settings are written into it as convert.yaml.
 
     \b
-    Example: convcli convert medium_ft.pkl -o dialogpt-medium \\
-                 --tokenizer gpt2-vocab/
+    Example:
+      convcli convert medium_ft.pkl -o dialogpt-medium \\
+          --tokenizer gpt2-vocab/
     """
     from convcli.conversion.convert import convert_checkpoint
     from convcli.inference.loading import set_threads

@@ -328,7 +328,7 @@ class ConversationModel:
         try:
             with torch.inference_mode():
                 if _shares_context(tensors, hf_kwargs):
-                    tensors, hf_kwargs = self._shared_prefill(tensors, hf_kwargs)
+                    tensors, hf_kwargs = self._shared_prefill(tensors, hf_kwargs, max_new_tokens)
                 return self.model.generate(
                     **tensors,
                     max_new_tokens=max_new_tokens,
@@ -340,7 +340,7 @@ class ConversationModel:
             raise UsageError(f"generation options rejected: {first_line(exc)}") from exc
 
     def _shared_prefill(
-        self, tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any]
+        self, tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any], max_new_tokens: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Run the context once, then repeat its KV cache for each sampled sequence.
 
@@ -349,7 +349,13 @@ class ConversationModel:
         Here the context (all but its last token) goes through the model once per
         context, the cache is repeated k times, and `generate` continues from it with
         the prompts repeated: the same sequences, one prefill.
+
+        The repeated cache goes into a `StaticCache` sized for the whole reply: each step
+        then writes its keys and values in place, where the growing cache copied every
+        layer's cache (`torch.cat`, ~11% of an MMI turn's time in the profile).
         """
+        from transformers import StaticCache
+
         k = int(hf_kwargs["num_return_sequences"])
         mask = tensors["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -360,8 +366,12 @@ class ConversationModel:
             **head, position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1
         ).cache
         cache.batch_repeat_interleave(k)
+        width = tensors["input_ids"].shape[1]
+        static = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
+        for layer, grown in zip(static.layers, cache.layers, strict=True):
+            layer.update(grown.keys, grown.values)
         repeated = {key: value.repeat_interleave(k, dim=0) for key, value in tensors.items()}
-        return repeated, {**hf_kwargs, "num_return_sequences": 1, "cache": cache}
+        return repeated, {**hf_kwargs, "num_return_sequences": 1, "cache": static}
 
     def response_ids(self, sequences: torch.Tensor, prompt_width: int) -> list[list[int]]:
         """The generated ids of each sequence, cut at the first sep (or eos/pad)."""

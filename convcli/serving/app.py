@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from convcli.inference.model import ConversationModel
 
 Loader = Callable[[], "tuple[ConversationModel, MMIReranker | None]"]
+# transformers builds models under process-wide init contexts (meta device, patched
+# constructors): two loads at once in one process break each other, so apps take turns.
+_LOADING = threading.Lock()
 
 
 @dataclass
@@ -84,7 +87,8 @@ def create_app(
 
     def load_in_background() -> None:
         try:
-            forward, reranker = load()
+            with _LOADING:
+                forward, reranker = load()
         except Exception as exc:  # shown on /health and to whoever started the server
             state.error = str(exc) if isinstance(exc, ConvcliError) else repr(exc)
             if on_load_error is not None:
@@ -97,14 +101,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=load_in_background, name="convcli-load", daemon=True).start()
+        loader = threading.Thread(target=load_in_background, name="convcli-load", daemon=True)
+        loader.start()
         yield
+        # A load still running would go on after the app is gone (and hold _LOADING).
+        await asyncio.to_thread(loader.join)
         if state.batcher is not None:
             state.batcher.close()
 
     app = FastAPI(title="convcli", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.convcli = state
-    if state.serve.cors_origin:
+    if state.serve.api_key:
+        app.add_middleware(_RequireKey, key=state.serve.api_key)
+    if state.serve.cors_origin:  # added last: outermost, so a 401 carries CORS headers too
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
@@ -128,19 +137,6 @@ def create_app(
         # A bug, not the client's fault: still an error object, so clients can show it.
         error = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
         return JSONResponse(error.body(), status_code=500)
-
-    @app.middleware("http")
-    async def require_key(request: Request, call_next: Any) -> Response:
-        key = state.serve.api_key
-        if key and request.url.path.startswith("/v1/") and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                error = APIError(
-                    401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                    type="authentication_error", code="invalid_api_key",
-                )  # fmt: skip
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -188,6 +184,30 @@ def create_app(
         return JSONResponse(reply.completion(result))
 
     return app
+
+
+class _RequireKey:
+    """`Authorization: Bearer KEY` on /v1/ (401 otherwise). A plain ASGI middleware:
+    starlette's `BaseHTTPMiddleware` would hide a client's disconnect from the routes."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith("/v1/")
+            and scope["method"] != "OPTIONS"
+        ):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                error = APIError(
+                    401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                    type="authentication_error", code="invalid_api_key",
+                )  # fmt: skip
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _model_card(state: State) -> dict[str, Any]:

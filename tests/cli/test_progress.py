@@ -1,4 +1,5 @@
-"""Progress on stderr when it is a log file, not a terminal: plain lines, or none (--quiet)."""
+"""Progress on stderr when it is a log file, not a terminal: plain lines, or none (--quiet);
+and no library warnings in it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ FRAMES = ("\r", "\x1b[")  # what a redirected tqdm bar fills a log with
 
 def log_is_plain(stderr: str) -> None:
     assert not any(mark in stderr for mark in FRAMES), stderr[:500]
+    assert "Warning" not in stderr, stderr  # no FutureWarning or the like from the stack
 
 
 @pytest.mark.slow

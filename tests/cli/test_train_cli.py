@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -126,6 +127,63 @@ def test_ddp_on_two_cpu_processes(make_shards, tiny_model_dir, tmp_path):
     assert "written by 2 processes, this run has 1" in resumed.stderr
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_end_with_the_weights_of_one_node_with_two_processes(
+    make_shards, tiny_model_dir, tmp_path
+):
+    # What a cluster launcher (SLURM, torchrun) gives each machine: where rank 0 listens,
+    # this machine's rank, the number of processes. Here two "nodes" of one process each.
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.conftest import REPO
+
+    data = make_shards()
+    common = ["train", "--data", str(data), "--model", str(tiny_model_dir), "--max-steps", "3",
+              "--batch-size", "2", "--val-every", "2", "--strategy", "ddp", "--accelerator",
+              "cpu", "--threads", "1", "-q"]  # fmt: skip
+    port = str(free_port())
+    nodes = []
+    for rank in ("0", "1"):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "NODE_RANK": rank, "WORLD_SIZE": "2"}  # fmt: skip
+        args = [*common, "--output", str(tmp_path / "nodes"), "--num-nodes", "2", "--devices", "1"]
+        command = [sys.executable, "-m", "convcli", *args]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        nodes.append(subprocess.Popen(command, env=env, cwd=REPO, **pipes))
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()  # no-op when it has ended; a hung rendezvous must not outlive the test
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    assert outputs[0][1].count("trained 3 steps") == 1 and "trained" not in outputs[1][1]
+    checkpoint = torch.load(tmp_path / "nodes" / "checkpoints" / "step-0000003.ckpt",
+                            weights_only=False)  # fmt: skip
+    assert checkpoint["convcli"]["world_size"] == 2
+
+    one = run_cli(*common, "--output", str(tmp_path / "one"), "--devices", "2", timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(str(tmp_path / "nodes" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(
+        a["transformer.h.0.mlp.c_fc.weight"], start["transformer.h.0.mlp.c_fc.weight"]
+    )
+
+
 @pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_exports_the_gathered_weights(make_shards, tmp_path):
     # Lightning refuses `--strategy fsdp` on CPU; fsdp_cpu.py adapts only what CPU needs.
@@ -180,3 +238,20 @@ def test_summary_says_where_validation_stopped_improving(tmp_path):
     assert early[1].startswith("stopped early at step 260: the validation loss had not improved")
     fine = summary(TrainResult(steps=200, **common))
     assert fine[1] == f"best: {tmp_path / 'best'} holds step 200 (val loss 3.1000)"
+
+
+@pytest.mark.slow
+def test_early_stop_is_reported_with_the_step_best_holds(make_shards, tmp_path):
+    from tests.training.test_fit import overfitting_shards
+
+    run = tmp_path / "run"
+    options = ["--preset", "tiny", "--batch-size", "4", "--max-steps", "60", "--val-every", "5",
+               "--early-stop", "2", "--accelerator", "cpu", "--devices", "1", "-q"]  # fmt: skip
+    result = invoke("-d", overfitting_shards(make_shards), "-o", run, *options)
+    assert result.exit_code == 0, result.stderr
+    stopped = [line for line in result.stderr.splitlines() if line.startswith("stopped early")]
+    assert len(stopped) == 1, result.stderr
+    step, best = map(int, re.findall(r"step (\d+)", stopped[0])[:2])
+    assert step == best + 10 < 60 and f"holds step {best} " in stopped[0]
+    assert json.loads((run / "best" / "convcli.json").read_text())["extra"]["step"] == best
+    assert "tokens per parameter" in result.stderr and "--model gpt2" in result.stderr

@@ -42,8 +42,11 @@ def running(model: Path, reverse: Path | None = None, **serve: object) -> Iterat
     deadline = time.monotonic() + 60
     while True:
         try:
-            if httpx.get(f"{url}/health").status_code == 200:
+            health = httpx.get(f"{url}/health")
+            if health.status_code == 200:
                 break
+            if health.json().get("status") == "error":
+                raise RuntimeError(f"the test server could not load: {health.json()['error']}")
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:

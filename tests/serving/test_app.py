@@ -81,3 +81,23 @@ def test_cors_only_for_the_origins_given(trained):
             "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"}
         )
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_two_apps_in_one_process_load_in_turn(trained):
+    """transformers' loading is process-wide: concurrent loads once left meta tensors."""
+    from fastapi.testclient import TestClient
+
+    def load():
+        return ConversationModel.from_pretrained(trained[0], device="cpu"), None
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "temperature": 0}
+    apps = [create_app(load, name="tiny") for _ in range(3)]
+    with TestClient(apps[0]) as a, TestClient(apps[1]) as b, TestClient(apps[2]) as c:
+        for client in (a, b, c):
+            deadline = time.monotonic() + 60
+            while client.get("/health").status_code != 200:
+                assert client.get("/health").json()["status"] == "loading"
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            reply = client.post("/v1/chat/completions", json=body).json()
+            assert reply["choices"][0]["message"]["content"] == "Hi, how are you?"

@@ -141,6 +141,35 @@ def test_a_client_leaving_mid_stream_stops_its_decoding(tiny_model_dir):
         assert post(url, {**GOOD, "max_tokens": 3}).status_code == 200
 
 
+def test_a_client_leaving_a_plain_request_stops_its_decoding(tiny_model_dir):
+    """Not streamed: the server notices the closed connection while it waits."""
+    import time
+
+    from tests.serving.server import running
+
+    with running(tiny_model_dir) as url:
+        model = _state(url).batcher.model.model
+        steps = []
+
+        def slow(*args, forward=model.forward, **kwargs):
+            steps.append(1)
+            time.sleep(0.1)
+            return forward(*args, **kwargs)
+
+        model.forward = slow
+        body = {**GOOD, "max_tokens": 90, "temperature": 1.0, "top_k": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)  # then hangs up
+        batcher = _state(url).batcher
+        deadline = time.monotonic() + 20
+        while not batcher.finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert batcher.finished == {"cancelled": 1}
+        assert len(steps) < 60  # not its 90 steps
+        del model.forward
+        assert post(url, {**GOOD, "max_tokens": 3}).status_code == 200
+
+
 def test_a_request_over_the_timeout_is_504_and_stops_decoding(tiny_model_dir):
     """90 steps of 100 ms would take 9 s; the timeout is 0.5 s."""
     import time

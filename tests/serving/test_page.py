@@ -101,3 +101,22 @@ def test_mmi_candidates_and_scores_on_request(browser, mmi_url):
     assert len(chosen) == 1
     assert chosen[0].text.split("  ", 1)[1] in (bot_texts(browser)[0], "(empty)")
     float(items[0].text.split()[0])  # a score first
+
+
+def test_the_page_sends_the_api_key(browser, trained):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.serving.server import running
+
+    with running(trained[0], api_key="s3cret") as url:
+        open_page(browser, url)
+        browser.execute_script("document.getElementById('temperature').value = 0")
+        box = browser.find_element(By.ID, "message")
+        box.send_keys("Hello\n")
+        WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".error"))
+        error = browser.find_element(By.CSS_SELECTOR, ".error").text
+        assert error == "error: missing or wrong API key (send Authorization: Bearer KEY)"
+        browser.find_element(By.ID, "api-key").send_keys("s3cret")
+        say(browser, "Hello", 1)
+        assert bot_texts(browser) == ["Hi, how are you?"]

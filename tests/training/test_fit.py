@@ -233,8 +233,8 @@ FOODS = ["tea", "rice", "bread", "soup", "fish", "cake", "apples", "pasta"]
 @pytest.mark.slow
 def test_a_short_tiny_run_with_default_settings_learns_a_regular_corpus(tmp_path):
     # Replies that follow from the message (names and foods copied into templates): a model
-    # that learns predicts held-out replies it never saw. With fine-tuning defaults (peak lr
-    # 1e-4, 100 warmup steps) the same run stays near ln V.
+    # that learns predicts held-out replies it never saw. Measured: 0.09 with these defaults
+    # (ln V = 5.7); 2.09, above ln V / 3, with the old ones (peak lr 1e-4, 100 warmup steps).
     import math
 
     from convcli.data.prepare import prepare
