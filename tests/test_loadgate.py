@@ -68,6 +68,25 @@ def test_chat_refuses_a_model_folder_with_code_and_stdin_saying_yes(evil_model):
     assert_refused_without_running(result, marker, folder)
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "generate-mmi"])
+def test_train_eval_and_a_reverse_model_refuse_a_folder_with_code(
+    command, evil_model, make_shards, tmp_path, tiny_model_dir
+):
+    folder, marker = evil_model
+    shards = make_shards()
+    args = {
+        "train": ["train", "-d", str(shards), "--model", str(folder), "-o", str(tmp_path / "r")],
+        "eval": ["eval", str(folder), "--data", str(shards)],
+        "generate-mmi": ["generate", str(tiny_model_dir), "Hi", "--reverse-model", str(folder)],
+    }[command]
+
+    result = runner.invoke(app, args, input="y\n")
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {folder} ships custom code")
+    assert not marker.exists()
+
+
 def test_prepare_refuses_a_tokenizer_folder_with_code(tmp_path, tiny_tokenizer_dir):
     folder = tmp_path / "evil-tok"
     shutil.copytree(tiny_tokenizer_dir, folder)
