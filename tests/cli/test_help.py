@@ -59,3 +59,10 @@ def test_examples_are_whole_commands_with_known_options(name):
         known = options_of(words[1])
         flags = [w.split("=")[0] for w in words[2:] if w.startswith("-") and w != "-"]
         assert [f for f in flags if f not in known] == [], example
+
+
+def test_dash_o_is_the_output_everywhere():
+    having = {name for name in COMMANDS if "-o" in options_of(name)}
+    assert {"prepare", "train", "convert", "generate", "eval", "demo"} <= having
+    for name in having:
+        assert options_of(name)["-o"].name == "output", name  # type: ignore[attr-defined]

@@ -57,3 +57,21 @@ def test_stage_lines_come_every_interval_and_never_as_frames(capsys, monkeypatch
     with StageBars(mode="off") as bars:
         bars("preparing", 100, 200)
     assert capsys.readouterr().err == ""
+
+
+def test_interrupted_starts_a_fresh_line_on_a_terminal_only(capsys, monkeypatch):
+    import sys
+
+    import typer
+
+    from convcli.cli.common import friendly_errors
+
+    @friendly_errors
+    def stopped() -> None:
+        raise KeyboardInterrupt
+
+    for terminal, expected in ((False, "interrupted\n"), (True, "\ninterrupted\n")):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda terminal=terminal: terminal)
+        with pytest.raises(typer.Exit) as exit:
+            stopped()
+        assert exit.value.exit_code == 130 and capsys.readouterr().err == expected
