@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from convcli.cli.app import app
+from convcli.inference.chat import load_transcript
 
 runner = CliRunner()
 
@@ -108,3 +109,44 @@ def test_a_context_file_is_read_by_the_corpus_readers(tmp_path):
     persona.write_text('["I love green tea.", 3]')
     with pytest.raises(InputError, match=r"persona\.json: expected a JSON array of strings"):
         read_context_file(persona)
+
+
+# Odd input (issues 11.10, 11.11): bytes that are not UTF-8 on stdin do not end the chat; a
+# transcript cut short by a kill is reported and appended to on a fresh line.
+
+
+def test_bytes_that_are_not_utf8_on_chat_stdin_are_replaced_and_the_chat_goes_on(trained):
+    result = runner.invoke(app, ["chat", str(trained[0])], input=b"Hello\n\xff\xfe tea?\nHi\n")
+
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 3
+    assert "note: bytes that are not UTF-8 in this line were replaced by \ufffd" in result.stderr
+    assert "chat ended after 3 turn(s)" in result.stderr
+
+
+@pytest.fixture
+def cut_transcript(tmp_path) -> Path:
+    """A transcript whose chat was killed while writing its second turn."""
+    log = tmp_path / "chat.jsonl"
+    start = {"event": "start", "time": "t", "context": []}
+    turn = {"event": "turn", "time": "t", "user": "Hello", "bot": "Hi, how are you?"}
+    log.write_text(json.dumps(start) + "\n" + json.dumps(turn) + '\n{"event": "turn", "ti')
+    return log
+
+
+def test_a_transcript_cut_short_is_reported_and_appended_on_a_fresh_line(trained, cut_transcript):
+    log = cut_transcript
+    args = ["chat", str(trained[0]), "--transcript", str(log), "--resume-transcript"]
+
+    first = runner.invoke(app, args, input="Is it nice?\n")
+    second = runner.invoke(app, args, input="Yes\n")  # the file is still readable
+
+    assert first.exit_code == 0, first.stderr
+    assert f"{log}:3: ignored a line cut short (a chat killed while writing it)" in first.stderr
+    assert "resuming" in first.stderr and "1 turn(s)" in first.stderr
+    lines = log.read_text().splitlines()
+    assert lines[2] == '{"event": "turn", "ti'  # kept, on its own line
+    assert json.loads(lines[3])["event"] == "resume"
+    assert second.exit_code == 0, second.stderr
+    assert "resuming" in second.stderr and "2 turn(s)" in second.stderr
+    assert load_transcript(log).history[:2] == ["Hello", "Hi, how are you?"]

@@ -1,4 +1,6 @@
-"""The core speaks Python: no string in a core module names a command-line flag.
+"""The package as a whole: tests/ mirrors it, and its core speaks Python.
+
+The core speaks Python: no string in a core module names a command-line flag.
 
 Core errors and reports name parameters in backquotes (`num_candidates`); the CLI shows
 them as its flags. Docstrings and comments may talk about the command line; strings that
@@ -54,3 +56,21 @@ def test_the_check_sees_a_flag_in_a_message_not_in_a_docstring(tmp_path):
     bad = tmp_path / "module.py"
     bad.write_text('"""Docstrings may say --resume."""\nMESSAGE = f"use --resume {1}"\n')
     assert flag_strings(bad, tmp_path) == ["module.py:2: --resume"]
+
+
+# Tests of the whole rather than of one module.
+WHOLE = {"tests/test_package.py", "tests/test_readme.py"}
+
+
+def test_tests_mirror_the_package():
+    """tests/a/b/test_x.py tests convcli/a/b/x.py (or the package convcli/a/b/x/), so the
+    tests of a module are found in one place."""
+    strays = []
+    for test in sorted((REPO / "tests").rglob("test_*.py")):
+        relative = test.relative_to(REPO / "tests")
+        module = REPO / "convcli" / relative.parent / relative.name.removeprefix("test_")
+        if str(test.relative_to(REPO)) not in WHOLE and not (
+            module.is_file() or module.with_suffix("").is_dir()
+        ):
+            strays.append(str(test.relative_to(REPO)))
+    assert strays == [], "tests without a module of that name and place"
