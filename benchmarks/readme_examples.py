@@ -82,10 +82,11 @@ def mask(line: str) -> str:
 def run(example: Example, timeout: float) -> tuple[list[str], float] | str:
     """(the output lines, seconds), or why it was not run."""
     words = shlex.split(example.command, posix=True)
-    redirect = None
-    if ">" in words:
-        at = words.index(">")
-        words, redirect = words[:at], words[at + 1]
+    redirect = stream = None
+    for op in (">", "2>"):
+        if op in words:
+            at = words.index(op)
+            words, redirect, stream = words[:at], words[at + 1], op
     if words[0] == "cat" and not (WORK / words[1]).exists():
         (WORK / words[1]).write_text("".join(f"{e}\n" for e in example.expected), "utf-8")
     missing = [w for w in words[1:] if _looks_like_input(w) and not (WORK / w).exists()]
@@ -101,14 +102,32 @@ def run(example: Example, timeout: float) -> tuple[list[str], float] | str:
     )  # fmt: skip
     elapsed = time.perf_counter() - started
     if redirect:
-        (WORK / redirect).write_text(done.stdout, encoding="utf-8")
-        out = done.stderr
+        saved, out = (done.stdout, done.stderr) if stream == ">" else (done.stderr, done.stdout)
+        (WORK / redirect).write_text(saved, encoding="utf-8")
     elif example.stdin:
         out = done.stdout  # piped chat: the replies, one per line
     else:
         out = done.stdout + done.stderr  # a terminal shows both; `matches` ignores their order
     # Progress frames end in \r on a terminal; summaries are whole lines.
     return [line for line in out.splitlines() if "\r" not in line], elapsed
+
+
+def _clean_but_the_demo() -> None:
+    """A fresh scratch folder for each check (outputs would refuse to be replaced), except
+    the demo's runs, which take a minute or two to make and are reused."""
+    import shutil
+
+    for child in WORK.iterdir():
+        if child.is_symlink():
+            continue
+        if child.name == "runs":
+            for run in child.iterdir():
+                if run.name != "demo":
+                    shutil.rmtree(run)
+        elif child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _looks_like_input(word: str) -> bool:
@@ -134,6 +153,7 @@ def main() -> int:
     found = examples(text)
     differ = 0
     WORK.mkdir(parents=True, exist_ok=True)
+    _clean_but_the_demo()
     for shared in ("sample_data", "convcli"):
         if not (WORK / shared).exists():
             (WORK / shared).symlink_to(REPO / shared)
