@@ -99,7 +99,7 @@ def test_existing_output_is_refused_without_overwrite(pkl, tmp_path, tiny_tokeni
 def test_help_shows_an_example():
     result = runner.invoke(app, ["convert", "--help"], env={"COLUMNS": "120"})
     assert result.exit_code == 0
-    assert "Example: convcli convert medium_ft.pkl" in result.stdout
+    assert "Example:\n    convcli convert medium_ft.pkl -o dialogpt-medium" in result.stdout
     assert "--no-verify" in result.stdout
 
 
