@@ -152,8 +152,14 @@ def load_model_folder(
     *,
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
+    share_tokenizer: tuple[str | Path, ConversationTokenizer] | None = None,
 ) -> LoadedModel:
-    """Load a model folder (or hub name) with its tokenizer and metadata, in eval mode."""
+    """Load a model folder (or hub name) with its tokenizer and metadata, in eval mode.
+
+    `share_tokenizer=(folder, tokenizer)`: when this folder's tokenizer files are
+    byte-identical to `folder`'s, use `tokenizer` (already loaded from there) instead of
+    loading the same files again (MMI's forward and reverse models usually share one).
+    """
     from transformers import AutoModelForCausalLM
 
     from convcli.tokenizer import ConversationTokenizer
@@ -177,7 +183,10 @@ def load_model_folder(
     else:
         check_hub_config(resolved)
     name_or_path = resolved
-    tokenizer = ConversationTokenizer.from_pretrained(name_or_path)
+    if share_tokenizer is not None and same_tokenizer_files(Path(share_tokenizer[0]), path):
+        tokenizer = share_tokenizer[1]
+    else:
+        tokenizer = ConversationTokenizer.from_pretrained(name_or_path)
     meta = read_meta(name_or_path, tokenizer)
     try:
         with quiet_weight_bars():
@@ -196,6 +205,55 @@ def load_model_folder(
     return LoadedModel(
         model=model, tokenizer=tokenizer, meta=meta, path=str(name_or_path), notes=notes
     )
+
+
+# Files of a model folder that hold the model, not its tokenizer. Everything else in the
+# folder (tokenizer.json, vocab files, tokenizer_config.json, chat templates, files we do
+# not know) counts as tokenizer input, so an unknown difference means "load it again".
+_MODEL_FILES = frozenset({"config.json", "generation_config.json", META_FILE})
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_MAX_COMPARED_BYTES = 256 * 2**20
+
+
+def same_tokenizer_files(a: Path, b: Path) -> bool:
+    """Whether two local model folders load the same tokenizer: the same tokenizer files
+    (all but weights and model configs), byte for byte, and the same `model_type` /
+    `tokenizer_class` in config.json (transformers falls back to them)."""
+    if not (a.is_dir() and b.is_dir()):
+        return False
+    if a.resolve() == b.resolve():
+        return True
+
+    def listing(folder: Path) -> dict[str, Path]:
+        return {
+            str(p.relative_to(folder)): p
+            for p in folder.rglob("*")
+            if p.is_file()
+            and p.name not in _MODEL_FILES
+            and not p.name.endswith(_WEIGHT_SUFFIXES)
+            and not p.name.endswith(".index.json")
+        }
+
+    files_a, files_b = listing(a), listing(b)
+    if files_a.keys() != files_b.keys():
+        return False
+    sizes = [(files_a[n].stat().st_size, files_b[n].stat().st_size) for n in files_a]
+    if any(x != y for x, y in sizes) or sum(x for x, _ in sizes) > _MAX_COMPARED_BYTES:
+        return False
+    if any(files_a[n].read_bytes() != files_b[n].read_bytes() for n in files_a):
+        return False
+
+    def config_keys(folder: Path) -> tuple[Any, Any] | None:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        return config.get("model_type"), config.get("tokenizer_class")
+
+    keys = config_keys(a)
+    return keys is not None and keys == config_keys(b)
 
 
 def check_hub_config(name: str) -> None:

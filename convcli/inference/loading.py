@@ -48,7 +48,11 @@ def load_models(
         notes.append(f"{model} is marked as a reverse model; its replies will read backwards")
     if mmi.reverse_model is None:
         return forward, None, notes
-    reverse = ConversationModel.from_pretrained(mmi.reverse_model, device=runtime.device)
+    # One tokenizer object when both folders hold the same tokenizer files: loaded and
+    # fingerprinted once (see check_same_tokenizer).
+    reverse = ConversationModel.from_pretrained(
+        mmi.reverse_model, device=runtime.device, share_tokenizer=forward
+    )
     notes.extend(reverse.notes)
     if not reverse.meta.reverse:
         notes.append(f"{mmi.reverse_model} is not marked as a reverse model (convcli.json)")

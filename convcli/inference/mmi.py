@@ -86,6 +86,8 @@ class MMIResult:
 
 def check_same_tokenizer(forward: ConversationModel, reverse: ConversationModel) -> None:
     """Refuse a forward/reverse pair whose tokenizers encode text differently."""
+    if forward.tokenizer is reverse.tokenizer and forward.sep_token_id == reverse.sep_token_id:
+        return  # one tokenizer loaded for both (load_models): no fingerprints to compare
     a, b = forward.tokenizer.fingerprint(), reverse.tokenizer.fingerprint()
     if a != b or forward.sep_token_id != reverse.sep_token_id:
         raise ConvcliError(

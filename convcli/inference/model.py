@@ -140,12 +140,19 @@ class ConversationModel:
         path: str | Path,
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
+        share_tokenizer: ConversationModel | None = None,
     ) -> ConversationModel:
         """Load a model folder written by `train` or `convert`, or a plain GPT-2 folder.
 
-        `device=None` picks CUDA when present, else CPU.
+        `device=None` picks CUDA when present, else CPU. `share_tokenizer`: a model whose
+        tokenizer this folder reuses when their tokenizer files are identical (MMI pairs).
         """
-        loaded: LoadedModel = load_model_folder(path, device=device, dtype=dtype)
+        share = None
+        if share_tokenizer is not None:
+            share = (share_tokenizer.path, share_tokenizer.tokenizer)
+        loaded: LoadedModel = load_model_folder(
+            path, device=device, dtype=dtype, share_tokenizer=share
+        )
         model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path)
         model.notes = loaded.notes  # e.g. a run directory's final/ was used
         return model

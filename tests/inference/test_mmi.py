@@ -209,3 +209,53 @@ def test_an_mmi_turn_prints_no_deprecation_warning(pair, capfd):
         MMIReranker(forward, reverse, num_candidates=4).respond(["Hello"], seed=0)
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
     assert "deprecated" not in capfd.readouterr().err
+
+
+def test_a_forward_and_reverse_pair_with_one_tokenizer_loads_it_once(pair, trained, monkeypatch):
+    from convcli.inference.loading import load_models
+    from convcli.inference.settings import MMISettings, RuntimeSettings
+
+    loads, fingerprints = [], []
+    real_load = ConversationTokenizer.from_pretrained.__func__
+    real_fingerprint = ConversationTokenizer.fingerprint
+
+    def counting_load(cls, *args, **kwargs):
+        loads.append(args)
+        return real_load(cls, *args, **kwargs)
+
+    def counting_fingerprint(self):
+        fingerprints.append(self)
+        return real_fingerprint(self)
+
+    monkeypatch.setattr(ConversationTokenizer, "from_pretrained", classmethod(counting_load))
+    monkeypatch.setattr(ConversationTokenizer, "fingerprint", counting_fingerprint)
+    settings = MMISettings(reverse_model=trained[1], num_candidates=4)
+    forward, reranker, _ = load_models(trained[0], settings, RuntimeSettings(device="cpu"))
+    assert len(loads) == 1 and fingerprints == []
+    assert reranker.reverse.tokenizer is forward.tokenizer
+    # The same replies as a pair loaded one folder at a time, each with its own tokenizer.
+    separate = MMIReranker(*pair, num_candidates=4)
+    ours, theirs = (r.respond(["Hello"], seed=3) for r in (reranker, separate))
+    assert [(c.text, c.score) for c in ours.candidates] == [
+        (c.text, c.score) for c in theirs.candidates
+    ]
+    assert ours.response == theirs.response
+
+
+def test_a_reverse_folder_whose_tokenizer_files_differ_loads_its_own(trained, tmp_path):
+    import json
+    import shutil
+
+    from convcli.inference.loading import load_models
+    from convcli.inference.settings import MMISettings, RuntimeSettings
+
+    reverse_dir = shutil.copytree(trained[1], tmp_path / "reverse")
+    config_file = reverse_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["model_max_length"] = 77
+    config_file.write_text(json.dumps(config))
+    settings = MMISettings(reverse_model=reverse_dir, num_candidates=2)
+    forward, reranker, _ = load_models(trained[0], settings, RuntimeSettings(device="cpu"))
+    assert reranker.reverse.tokenizer is not forward.tokenizer
+    assert reranker.reverse.tokenizer.tokenizer.model_max_length == 77
+    assert forward.tokenizer.tokenizer.model_max_length != 77
