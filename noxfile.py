@@ -1,4 +1,4 @@
-"""nox sessions: tests, lint, bench. Each installs the CPU torch pin first."""
+"""nox sessions: tests, lint, bench, readme. Each installs the CPU torch pin first."""
 
 from __future__ import annotations
 
@@ -37,5 +37,13 @@ def bench(session: nox.Session) -> None:
     _install(session)
     chosen = set(session.posargs)
     for script in sorted(Path("benchmarks").glob("*.py")):
-        if not chosen or script.stem in chosen:
+        if script.stem in chosen or (not chosen and script.stem != "readme_examples"):
             session.run("python", str(script))
+
+
+@nox.session
+def readme(session: nox.Session) -> None:
+    """Run the README's examples and show where their output differs from the README
+    (`nox -s readme -- --write` puts the real output in)."""
+    _install(session)
+    session.run("python", "benchmarks/readme_examples.py", *session.posargs)

@@ -4,21 +4,22 @@
     python benchmarks/readme_examples.py --write    # also put the real output into the README
 
 Each ```console block is a session: `$ COMMAND` lines are run in order in a scratch folder
-(runs/readme-check/, which sees the repository's sample_data/ and convcli/; the demo comes
-first, so later examples find its models in runs/demo/ there, and a rerun reuses them).
+(runs/readme-check/, emptied first, which sees the repository's sample_data/ and convcli/;
+the demo comes first, so later examples find its models in runs/demo/ there).
 `$ cat FILE` shows an input: the README's lines are written to FILE first. The
 lines after each command are its expected output. What no two runs share is masked before
 comparing: times, rates, and tqdm progress frames. A `...` line in the README stands for
 lines left out, and a block with one is compared but never rewritten. Chat examples are fed
 the `you>` lines on stdin and compared on the `bot>` lines (piped chat prints replies only).
 An example whose input files are not here (e.g. DialoGPT's .pkl files) is skipped, saying so.
-Not a test (the demo alone takes a minute or two): a check to run before editing figures.
+Not a test (the demo alone takes one to two minutes): a check to run before editing figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import os
 import re
 import shlex
@@ -31,6 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 WORK = REPO / "runs" / "readme-check"
+OUTPUT_FLAGS = {"-o", "--output", "--transcript"}
+# On a terminal, progress is a bar that leaves no line; in a log it is a `step ...` line every
+# few seconds, at steps that depend on the machine's speed: such lines match any such line.
+PROGRESS = re.compile(r"^step \d+/\d+ \(")
 # Times, rates and progress bars differ on every run.
 MASKS = [
     (re.compile(r"\d+(\.\d+)?(\s?(s|ms|it/s|tokens/s))\b"), r"<t>\2"),
@@ -89,45 +94,45 @@ def run(example: Example, timeout: float) -> tuple[list[str], float] | str:
             words, redirect, stream = words[:at], words[at + 1], op
     if words[0] == "cat" and not (WORK / words[1]).exists():
         (WORK / words[1]).write_text("".join(f"{e}\n" for e in example.expected), "utf-8")
-    missing = [w for w in words[1:] if _looks_like_input(w) and not (WORK / w).exists()]
+    outputs = {b for a, b in itertools.pairwise(words) if a in OUTPUT_FLAGS}
+    missing = [
+        w for w in words[1:]
+        if _looks_like_input(w) and w not in outputs and not (WORK / w).exists()
+    ]  # fmt: skip
     if missing:
         return f"needs {', '.join(missing)}"
     env = {**os.environ, "COLUMNS": "100"}
     if words[0] == "convcli":
         words = [sys.executable, "-m", "convcli", *words[1:]]
+    # One stream, as a terminal shows it, unless the example splits them.
+    merged = redirect is None and not example.stdin
     started = time.perf_counter()
     done = subprocess.run(
-        words, cwd=WORK, env=env, text=True, capture_output=True, timeout=timeout,
+        words, cwd=WORK, env=env, text=True, timeout=timeout, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
         input="".join(f"{s}\n" for s in example.stdin) + ("/quit\n" if example.stdin else ""),
     )  # fmt: skip
     elapsed = time.perf_counter() - started
+    out = done.stdout  # with stdin: piped chat prints the replies only, one per line
     if redirect:
         saved, out = (done.stdout, done.stderr) if stream == ">" else (done.stderr, done.stdout)
         (WORK / redirect).write_text(saved, encoding="utf-8")
-    elif example.stdin:
-        out = done.stdout  # piped chat: the replies, one per line
-    else:
-        out = done.stdout + done.stderr  # a terminal shows both; `matches` ignores their order
-    # Progress frames end in \r on a terminal; summaries are whole lines.
-    return [line for line in out.splitlines() if "\r" not in line], elapsed
+    lines = out.replace(f"{WORK}/", "").splitlines()
+    if words[0] != "cat":  # a command's own progress lines: a terminal shows a bar instead
+        lines = [line for line in lines if not PROGRESS.match(line)]
+    return [line for line in lines if "\r" not in line], elapsed
 
 
-def _clean_but_the_demo() -> None:
-    """A fresh scratch folder for each check (outputs would refuse to be replaced), except
-    the demo's runs, which take a minute or two to make and are reused."""
+def _clean() -> None:
+    """A fresh scratch folder for each check: outputs would refuse to be replaced, and the
+    demo must run from the start to print what a first run prints."""
     import shutil
 
     for child in WORK.iterdir():
-        if child.is_symlink():
-            continue
-        if child.name == "runs":
-            for run in child.iterdir():
-                if run.name != "demo":
-                    shutil.rmtree(run)
-        elif child.is_dir():
-            shutil.rmtree(child)
-        else:
+        if child.is_symlink() or not child.is_dir():
             child.unlink()
+        else:
+            shutil.rmtree(child)
 
 
 def _looks_like_input(word: str) -> bool:
@@ -137,8 +142,11 @@ def _looks_like_input(word: str) -> bool:
 def matches(expected: list[str], actual: list[str], elided: bool) -> bool:
     want = [mask(line) for line in expected if line.strip() != "..."]
     got = [mask(line) for line in actual]
+    if len(want) == len(got):  # progress lines of a log shown with cat
+        pairs = zip(want, got, strict=True)
+        got = [w if PROGRESS.match(w) and PROGRESS.match(g) else g for w, g in pairs]
     if not elided:
-        return sorted(want) == sorted(got)  # stderr/stdout order is the terminal's business
+        return want == got
     it = iter(got)
     return all(any(line == g for g in it) for line in want)  # in order, gaps allowed
 
@@ -153,7 +161,7 @@ def main() -> int:
     found = examples(text)
     differ = 0
     WORK.mkdir(parents=True, exist_ok=True)
-    _clean_but_the_demo()
+    _clean()
     for shared in ("sample_data", "convcli"):
         if not (WORK / shared).exists():
             (WORK / shared).symlink_to(REPO / shared)

@@ -361,13 +361,17 @@ def atomic_file(
             raise
 
 
-def write_file_atomically(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` in one step (temp file beside it, fsync, rename)."""
+@contextlib.contextmanager
+def replaced_in_one_step(path: str | Path, *, prefix: str | None = None) -> Iterator[IO[bytes]]:
+    """A binary file that replaces `path` in one step when the block ends without error (a
+    temp file beside it, fsynced, then renamed); on error or a kill `path` is untouched and
+    only a temp file named `prefix` + ... can be left (for the caller's cleanup)."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=prefix or f".{path.name}.tmp-", dir=path.parent)
     try:
-        with open(fd, "wb") as handle:
-            handle.write(data)
+        with named_os_errors(path), open(fd, "wb") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(name, path)

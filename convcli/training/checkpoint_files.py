@@ -10,15 +10,13 @@ beside the checkpoint, which is fsynced and renamed: a `step-N.ckpt` is whole or
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from convcli.errors import ConvcliError
-from convcli.outputs import fsync_dir, named_os_errors
+from convcli.outputs import replaced_in_one_step
 
 TEMP_PREFIX = ".ckpt-tmp-"
 
@@ -34,19 +32,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)
-        try:
-            with named_os_errors(path), open(fd, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(name, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(name)
-            raise
-        fsync_dir(path.parent)
+        with replaced_in_one_step(path, prefix=f"{TEMP_PREFIX}{path.name}-") as handle:
+            torch.save(checkpoint, handle)
 
 
 def clean_temporaries(directory: Path) -> list[str]:
