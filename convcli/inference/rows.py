@@ -149,7 +149,12 @@ class _Text:
         else:
             # Hold back a tail that could start a stop string...
             hold = max(
-                (k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                (
+                    k
+                    for s in self.stop
+                    for k in range(1, min(len(s), len(text) + 1))
+                    if text.endswith(s[:k])
+                ),
                 default=0,
             )
             text = text[: len(text) - hold]
@@ -346,7 +351,8 @@ def _pick(
     # neither top-k nor top-p the whole distribution is drawn from as it is.
     if width < vocab:
         ordered, order = scores.topk(width, dim=-1)
-    elif any(r.top_p < 1 for r in reqs):
+    elif any(r.top_p < 1 for r in reqs) or any(k < vocab for k in ks):
+        # A request without top-k (k = vocab) shares the batch with one that has it.
         ordered, order = scores.sort(dim=-1, descending=True)
     else:
         ordered, order = scores, None

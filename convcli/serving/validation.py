@@ -10,7 +10,19 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+MAX_STOP_CHARS = 256
+# How pydantic names the branch of a union in an error's location (not a field).
+UNION_BRANCHES = ("str", "list[str]", "list[TextPart]", "MMIRequest", "bool")
 
 
 class APIError(Exception):
@@ -41,11 +53,31 @@ class APIError(Exception):
         }
 
 
+class TextPart(BaseModel):
+    """One part of a message's content in OpenAI's list form (text parts only)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: StrictStr
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    # "developer" is OpenAI's newer name for "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+
+    @model_validator(mode="after")
+    def _plain(self) -> Message:
+        """Text parts joined into one string, and `developer` read as `system`, so the rest
+        of the server sees one form."""
+        if isinstance(self.content, list):
+            self.content = "".join(part.text for part in self.content)
+        if self.role == "developer":
+            self.role = "system"
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -78,7 +110,7 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     n: int = Field(default=1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # a torch.Generator seed
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -97,7 +129,7 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "MMIRequest", "bool", "function-after"):
+        elif part in UNION_BRANCHES or str(part).startswith("function-"):
             continue  # the branch of a union, not a field
         else:
             out += f".{part}" if out else str(part)
@@ -139,6 +171,11 @@ def check_limits(
         raise APIError(400, f"n: {req.n} is over this server's limit of {max_n}", param="n")
     if len(req.stop_list()) > 4:
         raise APIError(400, "stop: at most 4 stop strings", param="stop")
+    if any(len(stop) > MAX_STOP_CHARS for stop in req.stop_list()):
+        # Each streamed token is checked against every prefix of every stop string.
+        raise APIError(
+            400, f"stop: a stop string is at most {MAX_STOP_CHARS} characters", param="stop"
+        )
     mmi = req.mmi
     if isinstance(mmi, MMIRequest) or mmi is True:
         if not has_reverse:

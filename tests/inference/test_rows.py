@@ -46,6 +46,16 @@ def test_a_seed_gives_the_same_reply_whatever_shares_the_batch(pair):
     assert [c.text for c in other.choices] != texts
 
 
+def test_top_k_holds_beside_a_request_without_it(pair):
+    """top_k=1 is greedy however hot, also in a batch whose other request samples freely."""
+    forward, _ = pair
+    hot = {"temperature": 5.0, "max_new_tokens": 12}
+    free = [RowRequest(["Good morning"], seed=s, top_k=0, top_p=1.0, **hot) for s in range(3)]
+    strict = RowRequest(["Hello"], seed=1, n=2, top_k=1, top_p=1.0, **hot)
+    results = generate_rows(forward, [*free, strict])
+    assert [c.text for c in results[-1].choices] == ["Hi, how are you?"] * 2
+
+
 def test_stop_string_is_left_out_and_finish_reasons_are_truthful(pair):
     forward, _ = pair
     stop, length, plain = generate_rows(forward, [

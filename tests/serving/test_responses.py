@@ -35,6 +35,21 @@ def test_a_conversation_is_answered_as_turns(client):
     assert reply.choices[0].message.content == "Me too!"
 
 
+def test_content_parts_and_the_developer_role_read_as_text_and_system(client):
+    """The forms newer OpenAI clients send: a list of text parts, and `developer`."""
+    plain = [{"role": "system", "content": "You are kind."},
+             {"role": "user", "content": "Do you like tea?"}]  # fmt: skip
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "You are kind."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Do you like "},
+                                          {"type": "text", "text": "tea?"}]}]  # fmt: skip
+    replies = [
+        client.chat.completions.create(model="tiny", messages=m, temperature=0, max_tokens=12)
+        for m in (plain, parts)
+    ]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    assert replies[0].usage.prompt_tokens == replies[1].usage.prompt_tokens
+
+
 def test_n_replies(client):
     reply = client.chat.completions.create(
         model="tiny", messages=HELLO, n=3, temperature=2.0, seed=1, max_tokens=10

@@ -34,8 +34,14 @@ BAD = {
                             "messages"),
     "non-string content": ({**GOOD, "messages": [{"role": "user", "content": 5}]}, 400,
                            "messages[0].content"),
-    "content parts": ({**GOOD, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
-                      400, "messages[0].content"),
+    "a content part without text": (
+        {**GOOD, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+        "messages[0].content"),
+    "an image part": ({**GOOD, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+        "messages[0].content"),
+    "seed beyond a generator's": ({**GOOD, "seed": 2**64}, 400, "seed"),
+    "a stop string over the cap": ({**GOOD, "stop": ["a" * 257]}, 400, "stop"),
     "system after the start": ({**GOOD, "messages": [{"role": "user", "content": "Hi"},
                                                      {"role": "system", "content": "x"}]},
                                400, "messages"),
