@@ -184,7 +184,7 @@ def check_model_type(config: dict[str, Any], where: str) -> None:
 
 
 def check_shapes(folder: Path, config: dict[str, Any]) -> None:
-    """The config's vocab/width/positions/layers must be those of the weights (safetensors
+    """The config's vocab/width/positions/layers/MLP width must be those of the weights (safetensors
     or zip-format .bin).
 
     A config that claims a far larger model than its weights would be built (and its memory
@@ -203,11 +203,15 @@ def check_shapes(folder: Path, config: dict[str, Any]) -> None:
         "n_embd": wte[1] if wte else None,
         "n_positions": wpe[0] if wpe else None,
         "n_layer": max(layers) + 1 if layers else None,
+        "n_inner": fc[1] if (fc := names.get("h.0.mlp.c_fc.weight")) else None,  # Conv1D
     }
+    claimed = dict(config)
+    if claimed.get("n_inner") is None and isinstance(claimed.get("n_embd"), int):
+        claimed["n_inner"] = 4 * claimed["n_embd"]  # GPT-2's default width of its MLP
     differ = [
-        f"{key} {config.get(key)} vs {value}"
+        f"{key} {claimed.get(key)} vs {value}"
         for key, value in found.items()
-        if value is not None and config.get(key) is not None and config.get(key) != value
+        if value is not None and claimed.get(key) is not None and claimed.get(key) != value
     ]
     if differ:
         raise ConvcliError(

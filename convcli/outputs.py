@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import json
 import os
 import re
@@ -216,7 +217,7 @@ def recover_leftovers(output: str | Path) -> list[str]:
     done: list[str] = []
     if not parent.is_dir():
         return done
-    for old in sorted(parent.glob(f".{output.name}.old-*")):
+    for old in sorted(parent.glob(f".{glob.escape(output.name)}.old-*")):
         inner = old / output.name  # older convcli nested the old output one level down
         candidate = inner if old.is_dir() and inner.exists() else old
         if not output.exists() and not output.is_symlink():
@@ -227,7 +228,7 @@ def recover_leftovers(output: str | Path) -> list[str]:
         else:
             _remove(old)
             done.append(f"removed {old.name}, left by an interrupted replacement")
-    for tmp in sorted(parent.glob(f".{output.name}.tmp-*")):
+    for tmp in sorted(parent.glob(f".{glob.escape(output.name)}.tmp-*")):
         _remove(tmp)
         done.append(f"removed {tmp.name}, left by an interrupted run")
     return done

@@ -159,9 +159,20 @@ def test_a_foreign_architecture_is_refused_before_building(tmp_path, tiny_model_
     )
 
 
+LIES = {
+    # 48 layers of 25600: ~400 GB of float32 if it were built
+    "layers and width": (
+        {"n_layer": 48, "n_embd": 25600, "n_head": 32},
+        "n_embd 25600 vs 64, n_layer 48 vs 2, n_inner 102400 vs 256",
+    ),
+    "MLP width": ({"n_inner": 10**9}, "n_inner 1000000000 vs 256"),  # ~500 GB
+}
+
+
+@pytest.mark.parametrize("lie", list(LIES))
 @pytest.mark.parametrize("weights", ["safetensors", "bin"])
 def test_a_config_larger_than_its_weights_is_refused_before_allocating(
-    tmp_path, tiny_model_dir, weights
+    tmp_path, tiny_model_dir, weights, lie
 ):
     folder = tmp_path / "liar"
     shutil.copytree(tiny_model_dir, folder)
@@ -170,8 +181,8 @@ def test_a_config_larger_than_its_weights_is_refused_before_allocating(
 
         torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
         (folder / "model.safetensors").unlink()
-    # 48 layers of 25600: ~400 GB of float32 if it were built
-    edit_config(folder, n_layer=48, n_embd=25600, n_head=32)
+    changes, differ = LIES[lie]
+    edit_config(folder, **changes)
 
     started = time.monotonic()
     result = runner.invoke(app, ["generate", str(folder), "Hello"])
@@ -179,8 +190,8 @@ def test_a_config_larger_than_its_weights_is_refused_before_allocating(
     assert time.monotonic() - started < 30
     assert result.exit_code == 1
     assert result.stderr.strip() == (
-        f"error: {folder}: config.json does not match the weights (n_embd 25600 vs 64, "
-        "n_layer 48 vs 2 in the weights); refusing to build it"
+        f"error: {folder}: config.json does not match the weights ({differ} in the "
+        "weights); refusing to build it"
     )
 
 

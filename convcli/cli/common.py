@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import typer
@@ -54,17 +54,6 @@ def friendly_errors(command: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def given_flags(ctx: typer.Context, values: Mapping[str, Any]) -> dict[str, Any]:
-    """The subset of `values` the user typed on the command line (they beat --config)."""
-    # By name: typer 0.29 vendors its own click, whose ParameterSource is not click's.
-    typed = ("COMMANDLINE", "ENVIRONMENT")
-    return {
-        k: v
-        for k, v in values.items()
-        if getattr(ctx.get_parameter_source(k), "name", None) in typed
-    }
 
 
 def stdin_is_terminal() -> bool:

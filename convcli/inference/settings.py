@@ -7,7 +7,7 @@ their defaults are the one definition every front end uses.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,13 +132,6 @@ class RuntimeSettings:
 
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"`threads` must be at least 1, got {self.threads}", param="threads")
-
-
-def with_defaults(settings: SamplingSettings, defaults: SamplingSettings) -> SamplingSettings:
-    """`settings` with its unset (None) fields taken from `defaults`."""
-    unset = {f.name: getattr(defaults, f.name) for f in fields(settings)
-             if getattr(settings, f.name) is None}  # fmt: skip
-    return replace(settings, **unset)
 
 
 @dataclass

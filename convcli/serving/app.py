@@ -346,7 +346,13 @@ async def _stream(request: Request, state: State, row: RowRequest, reply: Reply)
                     i, text = value
                     yield reply.delta(i, {"content": text})
                 elif kind == "done":
-                    result: RowResult = value.result()
+                    try:
+                        result: RowResult = value.result()
+                    except Exception as exc:  # a bug: an error event, as `bug` gives a 500
+                        name = type(exc).__name__
+                        error = APIError(500, f"internal error: {name}", type="server_error")
+                        yield f"data: {json.dumps(error.body())}\n\n"
+                        return
                     for i, c in enumerate(result.choices):
                         yield reply.delta(i, {}, c.finish_reason, **reply.candidates(c))
                     options = reply.req.stream_options

@@ -83,11 +83,13 @@ class SaveOnSignal(pl.Callback):
         if self.signum is not None:  # a second signal: stop now, without saving
             raise Stopped(signum, 0, None)
         self.signum = signum
-        sys.stderr.write(
+        # os.write, not sys.stderr: the handler may have interrupted a progress bar in the
+        # middle of writing to sys.stderr, and re-entering that buffered writer raises.
+        message = (
             f"{fresh_line()}{NAMES[signal.Signals(signum)]}: saving a checkpoint at the end "
             "of this step, then stopping (Ctrl-C again to abort)\n"
         )
-        sys.stderr.flush()
+        os.write(2, message.encode())
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,

@@ -131,7 +131,7 @@ def test_a_save_killed_midway_leaves_no_checkpoint_only_a_temporary(tmp_path):
     assert len(leftovers) == 1 and leftovers[0].startswith(".ckpt-tmp-step-0000010.ckpt")
 
 
-def test_a_second_signal_aborts_without_saving(tmp_path, capsys):
+def test_a_second_signal_aborts_without_saving(tmp_path, capfd):
     from convcli.training.callbacks import StepCheckpoints
     from convcli.training.stopping import SaveOnSignal, Stopped
 
@@ -140,7 +140,8 @@ def test_a_second_signal_aborts_without_saving(tmp_path, capsys):
     with pytest.raises(Stopped) as second:
         stopper._handle(signal.SIGINT, None)
 
-    assert capsys.readouterr().err == (
+    # Written to the file descriptor: a handler must not re-enter sys.stderr's writer.
+    assert capfd.readouterr().err == (
         "Ctrl-C: saving a checkpoint at the end of this step, then stopping "
         "(Ctrl-C again to abort)\n"
     )
