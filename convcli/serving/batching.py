@@ -57,6 +57,7 @@ class Batcher:
         """Most requests answered by one batch."""
         self.finished: Counter[str] = Counter()
         """Replies by finish reason ("cancelled": a client left or timed out mid-reply)."""
+        self._carry: _Job | None = None  # a job that did not fit the batch before
         self._thread.start()
 
     def submit(self, request: RowRequest) -> Future[RowResult]:
@@ -81,7 +82,7 @@ class Batcher:
             if job is None:
                 return jobs, True
             if rows + job.rows > self.max_rows:
-                self._queue.put(job)  # the next batch starts with it
+                self._carry = job  # the next batch starts with it, ahead of later arrivals
                 break
             jobs.append(job)
             rows += job.rows
@@ -90,7 +91,7 @@ class Batcher:
     def _run(self) -> None:
         stop = False
         while not stop:
-            first = self._queue.get()
+            first, self._carry = self._carry or self._queue.get(), None
             if first is None:
                 return
             jobs, stop = self._collect(first)
