@@ -4,7 +4,8 @@
   --context` keeps a persona (`keep_first`); a system message after the conversation
   started is refused, since the model has no place for one.
 - `user` and `assistant` messages alternate as turns; two in a row from one role are
-  one turn (joined by a space), since the model only knows alternating speakers.
+  one turn, joined by a newline as `prepare` joins them in a corpus of chat messages (the
+  model only knows alternating speakers).
 - Empty messages are left out: an empty turn would put two seps in a row, a layout the
   model never saw in training.
 """
@@ -50,7 +51,7 @@ def messages_to_turns(messages: Sequence[tuple[str, str]]) -> Turns:
         if not text:
             continue
         if role == last_role:
-            turns[-1] = f"{turns[-1]} {text}"
+            turns[-1] = f"{turns[-1]}\n{text}"
         else:
             turns.append(text)
         last_role = role
