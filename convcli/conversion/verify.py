@@ -1,9 +1,11 @@
 """Prove a written folder holds the checkpoint: same logits as the original tensors.
 
-The reference logits come from a GPT2LMHeadModel built directly from the original
-tensors in float32, computed before the folder is written. The folder is then loaded
-with plain `AutoModelForCausalLM.from_pretrained` (upcast to float32, so only the
-rounding of the saved weights shows, not CPU half-precision arithmetic).
+The reference logits come from a GPT2LMHeadModel built directly around the original
+tensors (or their exact float32 widening), computed before the folder is written. The
+folder is then loaded with plain `AutoModelForCausalLM.from_pretrained` and run on the
+same tokens. Both run in float32, so only the rounding of the saved weights shows, not
+CPU half-precision arithmetic; half-precision weights are widened one block at a time
+(`float32_forward`), so verifying never holds a float32 copy of a whole model.
 """
 
 from __future__ import annotations
@@ -28,32 +30,58 @@ SAMPLE_TURNS = ["Does money buy happiness?", "Depends how much money you spend o
 def sample_inputs(
     tokenizer: ConversationTokenizer, vocab_size: int, n_positions: int
 ) -> list[torch.Tensor]:
-    """A real encoded conversation (no token types, as DialoGPT ran) and a random sequence.
+    """One sequence: a real encoded conversation (no token types, as DialoGPT ran), then
+    random ids (rows of the embedding a conversation rarely reaches).
 
-    Short on purpose: at 345M every token costs about a GFLOP per forward on the CPU.
+    Short on purpose: a forward at 345M costs ~0.1 s plus ~10 ms a token on 2 CPU cores.
     """
     import torch
 
-    length = min(24, n_positions)
-    conversation = tokenizer(SAMPLE_TURNS)["input_ids"][:length]
+    conversation = tokenizer(SAMPLE_TURNS)["input_ids"][:20]
     generator = torch.Generator().manual_seed(0)
-    random = torch.randint(0, vocab_size, (max(1, length * 2 // 3),), generator=generator)
-    return [torch.tensor(conversation), random]
+    random = torch.randint(0, vocab_size, (12,), generator=generator)
+    return [torch.cat([torch.tensor(conversation), random])[:n_positions]]
 
 
 def logits_of(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     import torch
 
     with torch.inference_mode():
-        return [_forward(model, ids) for ids in inputs]
+        return [float32_forward(model, ids) for ids in inputs]
 
 
-def _forward(model, ids: torch.Tensor) -> torch.Tensor:
-    """float32 logits of one unpadded sequence (no token types: DialoGPT ran without)."""
+def float32_forward(model, ids: torch.Tensor) -> torch.Tensor:
+    """float32 logits of one unpadded sequence (no token types: DialoGPT ran without).
+
+    Weights stay in their dtype: each piece of the model (embeddings, a block, the head)
+    gets float32 copies of its weights only while it runs.
+    """
     import torch
 
-    batch = ids[None]
-    return model(batch, attention_mask=torch.ones_like(batch)).logits[0].float()
+    saved: dict[torch.nn.Module, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+
+    def widen(module, _args) -> None:
+        saved[module] = [(p, p.data) for p in module.parameters()]
+        for p, data in saved[module]:
+            p.data = data.float()
+
+    def restore(module, _args, _output) -> None:
+        for p, data in saved.pop(module):
+            p.data = data
+
+    t = model.transformer
+    hooks = []
+    for module in (t.wte, t.wpe, *t.h, t.ln_f, model.lm_head):
+        hooks += [module.register_forward_pre_hook(widen), module.register_forward_hook(restore)]
+    try:
+        batch = ids[None]
+        return model(batch, attention_mask=torch.ones_like(batch)).logits[0].float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for pairs in saved.values():  # an error mid-forward: put the weights back
+            for p, data in pairs:
+                p.data = data
 
 
 def verify_folder(
@@ -77,12 +105,15 @@ def verify_folder(
     saved = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("dtype")
     if saved != dtype:
         raise ConvcliError(f"verification failed: the folder's config says {saved}, not {dtype}")
+    # In its own dtype: the weights stay views of the (memory-mapped) file, no copy.
     model, info = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=torch.float32, output_loading_info=True, trust_remote_code=False
+        str(folder), dtype=getattr(torch, dtype), output_loading_info=True, trust_remote_code=False
     )
     problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
     if problems:
         raise ConvcliError(f"verification failed: transformers reported {problems}")
+    if model.dtype != getattr(torch, dtype):
+        raise ConvcliError(f"verification failed: transformers loaded {model.dtype}, not {dtype}")
     if step:
         step()
     model.eval()
@@ -90,7 +121,7 @@ def verify_folder(
     scale = 1.0
     with torch.inference_mode():
         for ids, ref in zip(inputs, reference, strict=True):
-            got = _forward(model, ids)
+            got = float32_forward(model, ids)
             worst = max(worst, (got - ref).abs().max().item())
             scale = max(scale, ref.abs().max().item())
             if step:
