@@ -29,7 +29,7 @@ from convcli.outputs import write_atomically
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers import PreTrainedModel
 
     from convcli.tokenizer import ConversationTokenizer
 
@@ -293,47 +293,12 @@ def save_model_folder(
         model.config.pad_token_id = tokenizer.pad_token_id
         with quiet_weight_bars():
             model.save_pretrained(str(tmp))
-        _write_tokenizer_and_meta(tmp, tokenizer, meta, extra_files)
+        write_tokenizer_and_meta(tmp, tokenizer, meta, extra_files)
 
     return write_atomically(output, write, overwrite=overwrite)
 
 
-def save_weights_folder(
-    weights: dict[str, torch.Tensor],
-    config: PretrainedConfig,
-    tokenizer: ConversationTokenizer,
-    meta: ModelMeta,
-    output: str | Path,
-    *,
-    overwrite: bool = False,
-    extra_files: dict[str, str] | None = None,
-) -> Path:
-    """`save_model_folder` for a state dict that never became a model (convert without
-    verification): the files `save_pretrained` writes (config.json naming the
-    architecture and dtype, generation_config.json, model.safetensors), without importing
-    or building the model. `weights` are contiguous tensors in one dtype; a tied output
-    layer is left out, as transformers does.
-    """
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig
-
-    def write(tmp: Path) -> None:
-        config.architectures = [f"{type(config).__name__.removesuffix('Config')}LMHeadModel"]
-        config.dtype = next(iter(weights.values())).dtype
-        config.eos_token_id = config.bos_token_id = tokenizer.sep_token_id
-        config.pad_token_id = tokenizer.pad_token_id
-        config.save_pretrained(str(tmp))
-        gen = GenerationConfig.from_model_config(config)
-        gen.eos_token_id = gen.bos_token_id = tokenizer.sep_token_id
-        gen.pad_token_id = tokenizer.pad_token_id
-        gen.save_pretrained(str(tmp))
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_tokenizer_and_meta(tmp, tokenizer, meta, extra_files)
-
-    return write_atomically(output, write, overwrite=overwrite)
-
-
-def _write_tokenizer_and_meta(
+def write_tokenizer_and_meta(
     tmp: Path,
     tokenizer: ConversationTokenizer,
     meta: ModelMeta,

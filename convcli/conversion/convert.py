@@ -3,20 +3,19 @@
     report = convert_checkpoint("medium_ft.pkl", "dialogpt-medium", tokenizer="gpt2-vocab/")
 
 The steps: read the file with `weights_only=True` (memory-mapped when it is a zip),
-rename its keys to Hugging Face's GPT-2 names, infer the size from the tensors, build
-the model around those very tensors (no random init), compute reference logits in
-float32, cast to the output dtype, write the folder atomically and, before moving it
-into place, load it with plain transformers and compare logits. Without verification
-the converted tensors are written as they are (`save_weights_folder`): no model is built.
+rename its keys to Hugging Face's GPT-2 names, infer the size from the tensors, compute
+reference logits with a GPT-2 built around those very tensors (no copy, no random
+init), then write the folder atomically, casting each tensor on its way into the file,
+and, before moving it into place, load it with plain transformers and compare logits.
 
-Memory: tensors are converted one at a time and the originals released, so at most
-about two copies of the weights exist (the file's and the float32 one while it is built).
+Memory: about one copy of the weights. The reference runs in float32 one block at a
+time; each tensor is cast through a small buffer into the file and then released;
+verification maps the written file instead of reading it into memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convcli.conversion.checkpoint import Checkpoint, hparam, read_checkpoint, release_pages
+from convcli.conversion.folder import write_folder
 from convcli.conversion.gpt2 import (
     LM_HEAD,
     WTE,
@@ -39,12 +39,13 @@ from convcli.modelfolder import (
     META_FILE,
     ModelMeta,
     quiet_weight_bars,
-    save_model_folder,
-    save_weights_folder,
 )
 from convcli.outputs import check_output, hold_output, recover_leftovers, write_atomically
 
 if TYPE_CHECKING:
+    import torch
+    from transformers import GPT2Config
+
     from convcli.tokenizer import ConversationTokenizer
 
 DEFAULT_TOKENIZER = "gpt2"  # DialoGPT kept GPT-2's vocabulary unchanged
@@ -194,41 +195,20 @@ def _convert(
         )
     source_dtype = str(state[WTE].dtype).removeprefix("torch.")
     target = getattr(torch, dtype)
-
-    # One tensor at a time, releasing each original: float32 for the reference when
-    # verifying (fp16 -> fp32 is exact), else straight to the output dtype.
-    work = torch.float32 if verify else target
-    converted: dict[str, torch.Tensor] = {}
-    keys = list(state)
-    for done, key in enumerate(keys, 1):
-        original = state.pop(key)
-        converted[key] = original.to(work).contiguous()
-        if ckpt.mapped and converted[key] is not original:
-            release_pages(original)  # else the mapped file stays resident beside its copy
-        del original
-        report_progress("convert", done, len(keys))
-    config = gpt2_config(shape, heads, tied=LM_HEAD not in converted, eos_id=tok.sep_token_id)
+    config = gpt2_config(shape, heads, tied=LM_HEAD not in state, eos_id=tok.sep_token_id)
     for name in _CONFIG_HINTS:
         value = recorded.get(name)
         if value is not None:
             setattr(config, name, value)
-    n_params = sum(t.numel() for t in converted.values())
+    n_params = sum(t.numel() for t in state.values())
 
-    reference: list[torch.Tensor] = []
     inputs: list[torch.Tensor] = []
-    # Without verification the tensors go straight into the folder: no GPT-2 model is
-    # imported or built (importing transformers' modeling code alone costs seconds).
-    weights: Any = converted
-    if verify:
-        from convcli.conversion.verify import logits_of, sample_inputs
+    reference: list[torch.Tensor] = []
+    if verify:  # from the original values, before any cast, in float32 arithmetic
+        from convcli.conversion.verify import sample_inputs
 
-        model = build_model(config, converted)
-        del converted
         inputs = sample_inputs(tok, shape.vocab_size, shape.n_positions)
-        reference = logits_of(model, inputs)
-        model.to(target)  # parameter by parameter: the float32 copies go as we cast
-        weights = model
-        del model
+        reference = _reference_logits(config, state, inputs)
 
     recorded_types = recorded_meta.get("token_types", hparam(ckpt.hparams, "token_types"))
     token_types = bool(recorded_types) if ckpt.kind == "lightning" else False
@@ -249,20 +229,22 @@ def _convert(
             **({"global_step": ckpt.step} if ckpt.step is not None else {}),
         },
     )
-    holder = [weights]
-    del weights
+
+    def tensor_written(tensor: torch.Tensor, done: int, total: int) -> None:
+        if ckpt.mapped:
+            release_pages(tensor)  # else the mapped file stays resident as it is read
+        report_progress("convert", done, total)
+        if done == total:
+            report_progress("save", 0, 1)  # the tokenizer and the other small files
+
     max_diff: float | None = None
 
     def write(tmp: Path) -> None:
         nonlocal max_diff
-        report_progress("save", 0, 1)
-        if verify:
-            save_model_folder(holder.pop(), tok, meta, tmp, overwrite=True, extra_files=extra_files)
-            gc.collect()  # the folder is on disk: free this copy before loading it back
-        else:
-            save_weights_folder(
-                holder.pop(), config, tok, meta, tmp, overwrite=True, extra_files=extra_files
-            )
+        # Casts and writes each tensor, emptying `state`: verifying maps the written file.
+        write_folder(
+            tmp, state, target, config, tok, meta, extra_files=extra_files, written=tensor_written
+        )
         report_progress("save", 1, 1)
         if verify:
             from convcli.conversion.verify import verify_folder
@@ -299,6 +281,21 @@ def _convert(
         folder_bytes=sum(f.stat().st_size for f in written.iterdir() if f.is_file()),
         notes=notes,
     )
+
+
+def _reference_logits(
+    config: GPT2Config, weights: dict[str, torch.Tensor], inputs: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """float32 logits of a GPT-2 built around `weights` themselves (nothing copied)."""
+    from convcli.conversion.verify import logits_of
+
+    model = build_model(config, weights)
+    try:
+        return logits_of(model, inputs)
+    finally:
+        for parameter in model.parameters():  # `weights` stays the only owner of the tensors
+            parameter.data = parameter.data.new_empty(0)
+        del model
 
 
 def _tokenizer(name: str | Path) -> ConversationTokenizer:

@@ -12,7 +12,7 @@ import torch
 
 from convcli.conversion.convert import convert_checkpoint
 from convcli.errors import ConvcliError, UsageError
-from convcli.modelfolder import load_model_folder
+from convcli.modelfolder import load_model_folder, save_model_folder
 from convcli.outputs import MARKER, write_marker
 from tests.conftest import tiny_gpt2
 
@@ -199,7 +199,7 @@ def test_no_verify_still_writes_the_same_weights(model, tmp_path, tiny_tokenizer
 def test_no_verify_writes_the_folder_save_pretrained_writes(
     dtype, head, model, tmp_path, tiny_tokenizer_dir
 ):
-    """Without verification no model is built; the folder must not tell the difference."""
+    """No model is saved (verified or not): the folder must not tell the difference."""
     import json
 
     from safetensors.torch import load_file
@@ -213,13 +213,23 @@ def test_no_verify_writes_the_folder_save_pretrained_writes(
             ckpt, tmp_path / str(verify), tokenizer=tiny_tokenizer_dir, n_head=4,
             dtype=dtype, verify=verify,
         )  # fmt: skip
-    built, direct = tmp_path / "True", tmp_path / "False"
-    assert sorted(p.name for p in built.iterdir()) == sorted(p.name for p in direct.iterdir())
-    for name in ("config.json", "generation_config.json"):
-        assert json.loads((built / name).read_text()) == json.loads((direct / name).read_text())
-    ours, theirs = load_file(direct / "model.safetensors"), load_file(built / "model.safetensors")
-    assert sorted(ours) == sorted(theirs) and ("lm_head.weight" in ours) is (head == "untied")
-    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    verified, direct = tmp_path / "True", tmp_path / "False"
+    loaded = load_model_folder(direct)
+    hf = save_model_folder(loaded.model, loaded.tokenizer, loaded.meta, tmp_path / "hf")
+    assert sorted(p.name for p in verified.iterdir()) == sorted(p.name for p in direct.iterdir())
+    for folder in (verified, hf):
+        for name in ("config.json", "generation_config.json"):
+            assert json.loads((folder / name).read_text()) == json.loads(
+                (direct / name).read_text()
+            )
+        ours, theirs = (
+            load_file(direct / "model.safetensors"),
+            load_file(folder / "model.safetensors"),
+        )
+        assert sorted(ours) == sorted(theirs) and ("lm_head.weight" in ours) is (head == "untied")
+        assert all(
+            ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours
+        )
 
 
 def test_size_is_inferred_from_the_tensors(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
@@ -398,28 +408,56 @@ def test_an_existing_output_needs_overwrite(model, tmp_path, tiny_tokenizer_dir)
     assert ckpt.is_file()
 
 
-def test_a_verification_mismatch_leaves_the_old_folder_alone(
-    model, tmp_path, tiny_tokenizer_dir, monkeypatch
+def _wrong_value(weights: dict[str, torch.Tensor]) -> None:
+    weights["transformer.ln_f.bias"] = weights["transformer.ln_f.bias"] + 1.0
+
+
+def _layers_swapped(weights: dict[str, torch.Tensor]) -> None:
+    a, b = "transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"
+    weights[a], weights[b] = weights[b], weights[a]
+
+
+def _key_missing(weights: dict[str, torch.Tensor]) -> None:
+    del weights["transformer.h.1.ln_2.weight"]
+
+
+CORRUPTIONS = {
+    "wrong-value": (_wrong_value, "the folder's logits differ"),
+    "layers-swapped": (_layers_swapped, "the folder's logits differ"),
+    "key-missing": (_key_missing, "transformers reported .*missing_keys"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+@pytest.mark.parametrize(
+    ("source", "dtype"),
+    [(torch.float16, "float32"), (torch.float32, "float16"), (torch.float16, "float16")],
+)
+def test_a_wrong_folder_fails_verification_and_leaves_the_old_folder_alone(
+    corruption, source, dtype, model, tmp_path, tiny_tokenizer_dir, monkeypatch
 ):
+    """Whatever goes wrong between the checkpoint and the folder on disk is caught, whether
+    the weights are widened (fp16 -> fp32), rounded (fp32 -> fp16) or kept as they are."""
     import convcli.conversion.convert as convert_module
 
-    real_save = convert_module.save_model_folder
+    real_write = convert_module.write_folder
+    corrupt, message = CORRUPTIONS[corruption]
 
-    def corrupting_save(model, *args, **kwargs):
-        with torch.no_grad():
-            model.transformer.ln_f.bias += 1.0  # a weight written wrongly
-        return real_save(model, *args, **kwargs)
+    def corrupting_write(folder, weights, *args, **kwargs):
+        corrupt(weights)
+        return real_write(folder, weights, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "save_model_folder", corrupting_save)
-    ckpt = save(dialogpt_state(model), tmp_path / "m.pkl")
+    monkeypatch.setattr(convert_module, "write_folder", corrupting_write)
+    ckpt = save(dialogpt_state(model, dtype=source), tmp_path / "m.pkl")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
     write_marker(tmp_path / "out", "convert")
 
-    with pytest.raises(ConvcliError, match="verification failed: the folder's logits differ"):
+    with pytest.raises(ConvcliError, match=f"verification failed: {message}"):
         convert_checkpoint(
-            ckpt, tmp_path / "out", tokenizer=tiny_tokenizer_dir, n_head=4, overwrite=True
-        )
+            ckpt, tmp_path / "out", tokenizer=tiny_tokenizer_dir, n_head=4, dtype=dtype,
+            overwrite=True,
+        )  # fmt: skip
 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "old.txt"]
     assert leftovers(tmp_path, set()) == ["m.pkl", "out"]
