@@ -513,3 +513,17 @@ def test_a_lightning_checkpoint_without_a_tokenizer_needs_one(model, tmp_path, t
 
     assert load_model_folder(tmp_path / "out").meta.token_types is True
     assert any("token_types" in note for note in report.notes)
+
+
+def test_the_float32_forward_of_half_weights_equals_a_float32_copys(model):
+    """Verification widens one block at a time: same logits as a whole float32 copy, and
+    the model keeps its half-precision (tied) weights."""
+    from convcli.conversion.verify import float32_forward
+
+    half = copy.deepcopy(model).half()
+    with torch.inference_mode():
+        got = float32_forward(half, IDS[0])
+        want = copy.deepcopy(half).float()(IDS, attention_mask=torch.ones_like(IDS)).logits[0]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert all(p.dtype == torch.float16 for p in half.parameters())
+    assert half.lm_head.weight is half.transformer.wte.weight
