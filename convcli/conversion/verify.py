@@ -10,7 +10,6 @@ CPU half-precision arithmetic; half-precision weights are widened one block at a
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,30 +56,33 @@ def float32_forward(model, ids: torch.Tensor) -> torch.Tensor:
     """float32 logits of one unpadded sequence (no token types: DialoGPT ran without).
 
     Weights stay in their dtype: each piece of the model (embeddings, a block, the head)
-    gets float32 copies of its weights only while it runs.
+    runs on float32 copies made as it starts. The copies go into buffers reused by the
+    next piece of the same layout (every block shares one set): fresh memory costs more
+    than copying here, and a whole float32 copy would double a half-precision model.
     """
     import torch
 
     saved: dict[torch.nn.Module, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
-    shared: dict[int, torch.Tensor] = {}  # tied weights (wte, lm_head): widened once
+    buffers: dict[tuple[str, torch.Size], torch.Tensor] = {}
 
     def widen(module, _args) -> None:
-        saved[module] = [(p, p.data) for p in module.parameters()]
-        for p, data in saved[module]:
-            p.data = shared[id(p)] if id(p) in shared else data.float()
-            if id(p) in tied:
-                shared[id(p)] = p.data
+        saved[module] = []
+        for name, p in module.named_parameters():
+            if p.dtype == torch.float32:
+                continue
+            key = (name, p.shape)
+            if key not in buffers:
+                buffers[key] = torch.empty(p.shape, dtype=torch.float32)
+            saved[module].append((p, p.data))
+            p.data = buffers[key].copy_(p.data)
 
     def restore(module, _args, _output) -> None:
         for p, data in saved.pop(module):
             p.data = data
 
     t = model.transformer
-    modules = (t.wte, t.wpe, *t.h, t.ln_f, model.lm_head)
-    uses = Counter(id(p) for module in modules for p in module.parameters())
-    tied = {key for key, count in uses.items() if count > 1}
     hooks = []
-    for module in modules:
+    for module in (t.wte, t.wpe, *t.h, t.ln_f, model.lm_head):
         hooks += [module.register_forward_pre_hook(widen), module.register_forward_hook(restore)]
     try:
         batch = ids[None]
