@@ -2,14 +2,20 @@
 
 A DialoGPT-layout fp16 checkpoint at the 345M shape (24 layers, width 1024, random
 weights, lm_head.decoder copy and causal-mask buffers, like medium_ft.pkl) is written
-to a temp dir. Each job runs in its own subprocess, which imports torch and
-transformers first and then reports its peak RSS (ru_maxrss) and wall time:
+to a temp dir. Each job runs in its own subprocess, which first imports what any job
+may need (torch, transformers' GPT-2 model and tokenizer classes: the figure is shown
+as "imports s", paid once per command by the CLI, whatever the file's size) and then
+reports its peak RSS (VmHWM, reset after the imports) and wall time:
 
     baseline          torch.load(weights_only=True) + safetensors.save_file, as stored
+    baseline:float32  the same with every tensor cast to float32 first (`.float()`): the
+                      bare way to write the bytes a float32 folder holds
     convert ...       convert_checkpoint with the given dtype, with/without verification
+                      (float32 is the default; float16 writes the baseline's bytes,
+                      float32 twice them)
 
 The jobs run interleaved `--repeats` times; the table shows medians (time ratios are
-against the baseline's median; float16 writes the baseline's bytes, float32 twice them).
+against the baseline's median), then verified / unverified time per dtype.
 Torch threads are the command's (`default_threads()`).
 Usage: python benchmarks/convert_memory.py [--format legacy|zip] [--layers 24] [--quick]
 [--repeats 3] (`legacy` is the pre-zip torch.save format of the released .pkl files;
@@ -73,23 +79,28 @@ def write_checkpoint(path: Path, *, layers: int, width: int, legacy: bool) -> No
 
 def child(job: str, checkpoint: Path, out: Path, tokenizer: str) -> None:
     """Run one job in this (fresh) process and print its figures as JSON."""
+    began = time.perf_counter()
     import torch
-    import transformers  # noqa: F401  (both jobs pay for the same imports)
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel, GPT2TokenizerFast  # noqa: F401
 
     from convcli.conversion.convert import convert_checkpoint
     from convcli.inference.loading import set_threads
+
+    imports = time.perf_counter() - began  # every job pays for the same imports
 
     set_threads(None)  # as the convert command does
     # Count only the job: reset the peak (VmHWM) after the imports where Linux allows it.
     peak_reset = _reset_peak()
     start_mb = _status_mb("VmRSS")
     start = time.perf_counter()
-    if job == "baseline":
+    if job.startswith("baseline"):
+        dtype = torch.float32 if job == "baseline:float32" else None
         with checkpoint.open("rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"
         state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=is_zip)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+        cast = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state.items()}
+        save_file(cast, str(out))
     else:
         _, dtype, verify = job.split(":")
         convert_checkpoint(
@@ -100,7 +111,9 @@ def child(job: str, checkpoint: Path, out: Path, tokenizer: str) -> None:
         peak = _status_mb("VmHWM")
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_mb": peak, "start_mb": start_mb}))
+    print(
+        json.dumps({"seconds": seconds, "peak_mb": peak, "start_mb": start_mb, "imports": imports})
+    )
 
 
 def _reset_peak() -> bool:
@@ -158,9 +171,10 @@ def main() -> None:
             f"checkpoint: {args.layers} layers, width {args.width}, fp16, "
             f"{args.format} format, {size_mb:.0f} MiB"
         )
-        jobs = ["baseline", "convert:float16:no-verify", "convert:float32:no-verify"]
+        jobs = ["baseline", "baseline:float32", "convert:float32:no-verify"]
+        jobs += ["convert:float16:no-verify"]
         if not args.quick:
-            jobs += ["convert:float16:verify", "convert:float32:verify"]
+            jobs += ["convert:float32:verify", "convert:float16:verify"]
         runs: dict[str, list[dict[str, float]]] = {job: [] for job in jobs}
         for r in range(args.repeats):
             for i, job in enumerate(jobs):
@@ -174,15 +188,29 @@ def main() -> None:
         base = results["baseline"]
         print(
             f"{'job':<28}{'peak MiB':>10}{'above start':>13}{'x file':>8}"
-            f"{'x base mem':>12}{'seconds':>9}{'x base time':>13}"
+            f"{'x base mem':>12}{'seconds':>9}{'x base time':>13}{'imports s':>11}"
         )
         for job, r in results.items():
             above = r["peak_mb"] - r["start_mb"]
             print(
-                f"{job:<28}{r['peak_mb']:>10.0f}{above:>15.0f}{above / size_mb:>8.2f}"
+                f"{job:<28}{r['peak_mb']:>10.0f}{above:>13.0f}{above / size_mb:>8.2f}"
                 f"{above / (base['peak_mb'] - base['start_mb']):>12.2f}"
-                f"{r['seconds']:>9.1f}{r['seconds'] / base['seconds']:>13.2f}"
+                f"{r['seconds']:>9.2f}{r['seconds'] / base['seconds']:>13.2f}{r['imports']:>11.2f}"
             )
+        for dtype in ("float32", "float16"):
+            verified = results.get(f"convert:{dtype}:verify")
+            if verified:
+                plain = results[f"convert:{dtype}:no-verify"]
+                bare = results["baseline:float32"] if dtype == "float32" else base
+                print(
+                    f"{dtype}{' (default)' if dtype == 'float32' else ''}: verified "
+                    f"{verified['seconds'] / base['seconds']:.2f}x the baseline, unverified "
+                    f"{plain['seconds'] / base['seconds']:.2f}x; verified / unverified "
+                    f"{verified['seconds'] / plain['seconds']:.2f}; against a bare load + "
+                    f"save of the same output bytes: verified "
+                    f"{verified['seconds'] / bare['seconds']:.2f}x, unverified "
+                    f"{plain['seconds'] / bare['seconds']:.2f}x"
+                )
         spread = {job: [round(x["seconds"], 1) for x in values] for job, values in runs.items()}
         print(f"seconds of each repeat: {spread}")
 
