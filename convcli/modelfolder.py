@@ -153,14 +153,17 @@ def load_model_folder(
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
     share_tokenizer: tuple[str | Path, ConversationTokenizer] | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load a model folder (or hub name) with its tokenizer and metadata, in eval mode.
 
     `share_tokenizer=(folder, tokenizer)`: when this folder's tokenizer files are
     byte-identical to `folder`'s, use `tokenizer` (already loaded from there) instead of
     loading the same files again (MMI's forward and reverse models usually share one).
+    `weights=False`: the model is built from its config on the meta device, without
+    reading the weights (another engine runs them); everything else is checked as usual.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from convcli.tokenizer import ConversationTokenizer
 
@@ -189,10 +192,17 @@ def load_model_folder(
         tokenizer = ConversationTokenizer.from_pretrained(name_or_path)
     meta = read_meta(name_or_path, tokenizer)
     try:
-        with quiet_weight_bars():
-            model = AutoModelForCausalLM.from_pretrained(
-                str(name_or_path), dtype=dtype or "auto", **TRUST
-            )
+        if weights:
+            with quiet_weight_bars():
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(name_or_path), dtype=dtype or "auto", **TRUST
+                )
+        else:
+            import torch
+
+            config = AutoConfig.from_pretrained(str(name_or_path), **TRUST)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, **TRUST)
     except (OSError, ValueError) as exc:
         raise ConvcliError(f"cannot load model {str(name_or_path)!r}: {first_line(exc)}") from exc
     rows = model.get_input_embeddings().weight.shape[0]
@@ -201,7 +211,9 @@ def load_model_folder(
             f"{name_or_path}: the tokenizer has {len(tokenizer)} tokens but the model only "
             f"{rows} embeddings; they do not belong together"
         )
-    model.to(target).eval()
+    if weights:
+        model.to(target)
+    model.eval()
     return LoadedModel(
         model=model, tokenizer=tokenizer, meta=meta, path=str(name_or_path), notes=notes
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from convcli.errors import ConvcliError, UsageError, first_line
 from convcli.modelfolder import LoadedModel, ModelMeta, load_model_folder
@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
+    from convcli.inference.ct2_engine import CT2Engine
+
 DEFAULT_MAX_NEW_TOKENS = 64
+Backend = Literal["torch", "ctranslate2"]
 
 
 @dataclass
@@ -113,7 +116,8 @@ class ConversationModel:
     """A conversation model (forward or reverse) ready to generate.
 
     Build with `from_pretrained`; `.model` is the Hugging Face model, `.tokenizer` the
-    `ConversationTokenizer`, `.meta` the folder's `ModelMeta`.
+    `ConversationTokenizer`, `.meta` the folder's `ModelMeta`. With the ctranslate2
+    backend, `.engine` runs the model and `.model` holds its config only (no weights).
     """
 
     def __init__(
@@ -122,17 +126,20 @@ class ConversationModel:
         tokenizer: ConversationTokenizer,
         meta: ModelMeta,
         path: str = "",
+        engine: CT2Engine | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.meta = meta
         self.path = path
+        self.engine = engine
         self.notes: list[str] = []
-        # Batched calls (MMI candidates, several contexts) on CPU use oneDNN-packed
-        # weights, made on first use; batch-1 calls run the model's own layers.
-        from convcli.inference.packed import pack_batched_linears
+        if engine is None:
+            # Batched calls (MMI candidates, several contexts) on CPU use oneDNN-packed
+            # weights, made on first use; batch-1 calls run the model's own layers.
+            from convcli.inference.packed import pack_batched_linears
 
-        pack_batched_linears(model)
+            pack_batched_linears(model)
 
     @classmethod
     def from_pretrained(
@@ -141,19 +148,42 @@ class ConversationModel:
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
         share_tokenizer: ConversationModel | None = None,
+        backend: Backend = "torch",
+        compute_type: str = "int8",
     ) -> ConversationModel:
         """Load a model folder written by `train` or `convert`, or a plain GPT-2 folder.
 
         `device=None` picks CUDA when present, else CPU. `share_tokenizer`: a model whose
         tokenizer this folder reuses when their tokenizer files are identical (MMI pairs).
+        `backend="ctranslate2"` decodes with CTranslate2 at `compute_type` (int8 by
+        default; see `convcli.inference.ct2_engine` for what differs from torch).
         """
+        from convcli.modelfolder import resolve_device
+
+        if backend not in ("torch", "ctranslate2"):
+            raise UsageError(f"`backend` must be torch or ctranslate2, got {backend!r}")
         share = None
         if share_tokenizer is not None:
             share = (share_tokenizer.path, share_tokenizer.tokenizer)
         loaded: LoadedModel = load_model_folder(
-            path, device=device, dtype=dtype, share_tokenizer=share
+            path, device=device, dtype=dtype, share_tokenizer=share, weights=backend == "torch"
         )
-        model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path)
+        engine = None
+        if backend == "ctranslate2":
+            import torch
+
+            from convcli.inference.ct2_engine import CT2Engine
+
+            if loaded.meta.token_types:
+                raise ConvcliError(
+                    f"{loaded.path} was trained with token types, which the ctranslate2 "
+                    "backend cannot feed: use `backend` torch"
+                )
+            engine = CT2Engine.for_folder(
+                loaded.path, device=str(resolve_device(device)), compute_type=compute_type,
+                sep_token_id=loaded.meta.sep_token_id, threads=torch.get_num_threads(),
+            )  # fmt: skip
+        model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path, engine)
         model.notes = loaded.notes  # e.g. a run directory's final/ was used
         return model
 
@@ -161,6 +191,11 @@ class ConversationModel:
 
     @property
     def device(self) -> torch.device:
+        """Where the inputs go (CPU for the ctranslate2 backend, which takes lists)."""
+        if self.engine is not None:
+            import torch
+
+            return torch.device("cpu")
         return self.model.device
 
     @property
@@ -284,8 +319,16 @@ class ConversationModel:
             max_context_tokens=max_context_tokens,
             keep_first_turns=keep_first_turns,
         )
-        sequences = self.generate_ids(tensors, max_new, seed=seed, **hf_kwargs)
-        replies = self.response_ids(sequences, tensors["input_ids"].shape[1])
+        if self.engine is not None:
+            prompts = [layout(turns, self.sep_token_id)[0] for turns in turn_ids]
+            stops = self._stop_ids(hf_kwargs.pop("eos_token_id", None))
+            try:
+                replies = self.engine.generate(prompts, max_new, stops, seed=seed, **hf_kwargs)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"generation options rejected: {first_line(exc)}") from exc
+        else:
+            sequences = self.generate_ids(tensors, max_new, seed=seed, **hf_kwargs)
+            replies = self.response_ids(sequences, tensors["input_ids"].shape[1])
         return Sampled(turn_ids, tensors, max_new, replies)
 
     def prepare(
@@ -325,12 +368,7 @@ class ConversationModel:
         min_new = hf_kwargs.get("min_new_tokens")
         if min_new is not None:
             hf_kwargs["min_new_tokens"] = min(int(min_new), max_new_tokens)
-        eos = hf_kwargs.pop("eos_token_id", None)
-        stops = [self.sep_token_id]
-        if eos is not None:
-            stops += [
-                e for e in (eos if isinstance(eos, list | tuple) else [eos]) if e not in stops
-            ]
+        stops = self._stop_ids(hf_kwargs.pop("eos_token_id", None))
         hf_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         try:
             with torch.inference_mode():
@@ -345,6 +383,12 @@ class ConversationModel:
         except (ValueError, TypeError) as exc:
             # transformers rejects bad option combinations with ValueError/TypeError.
             raise UsageError(f"generation options rejected: {first_line(exc)}") from exc
+
+    def _stop_ids(self, eos: int | Sequence[int] | None) -> list[int]:
+        """The sep token and any `eos_token_id` the caller adds."""
+        stops = [self.sep_token_id]
+        extra = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+        return stops + [e for e in extra if e not in stops]
 
     def _shared_prefill(
         self, tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any], max_new_tokens: int
