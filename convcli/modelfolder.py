@@ -87,12 +87,15 @@ class ModelMeta:
 class LoadedModel:
     """A model ready for inference or training, with its tokenizer and metadata."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | None
+    """None when loaded with `weights=False`."""
     tokenizer: ConversationTokenizer
     meta: ModelMeta
     path: str
     notes: list[str] = field(default_factory=list)
     """What the user should know about what was loaded (a run directory's final/ used)."""
+    config: Any = None
+    """The model's `PretrainedConfig`."""
 
 
 @contextlib.contextmanager
@@ -160,8 +163,8 @@ def load_model_folder(
     `share_tokenizer=(folder, tokenizer)`: when this folder's tokenizer files are
     byte-identical to `folder`'s, use `tokenizer` (already loaded from there) instead of
     loading the same files again (MMI's forward and reverse models usually share one).
-    `weights=False`: the model is built from its config on the meta device, without
-    reading the weights (another engine runs them); everything else is checked as usual.
+    `weights=False`: only the config is read, not the weights (another engine runs
+    them), and `model` is None; everything else is checked as usual.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -192,31 +195,29 @@ def load_model_folder(
         tokenizer = ConversationTokenizer.from_pretrained(name_or_path)
     meta = read_meta(name_or_path, tokenizer)
     try:
+        model = None
         if weights:
             with quiet_weight_bars():
                 model = AutoModelForCausalLM.from_pretrained(
                     str(name_or_path), dtype=dtype or "auto", **TRUST
                 )
-        else:
-            import torch
-
+            config = model.config
+        else:  # no model class either: importing it costs seconds of start-up
             config = AutoConfig.from_pretrained(str(name_or_path), **TRUST)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, **TRUST)
     except (OSError, ValueError) as exc:
         raise ConvcliError(f"cannot load model {str(name_or_path)!r}: {first_line(exc)}") from exc
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model.get_input_embeddings().weight.shape[0] if model else config.vocab_size
     if len(tokenizer) > rows:
         raise ConvcliError(
             f"{name_or_path}: the tokenizer has {len(tokenizer)} tokens but the model only "
             f"{rows} embeddings; they do not belong together"
         )
-    if weights:
-        model.to(target)
-    model.eval()
+    if model is not None:
+        model.to(target).eval()
     return LoadedModel(
-        model=model, tokenizer=tokenizer, meta=meta, path=str(name_or_path), notes=notes
-    )
+        model=model, tokenizer=tokenizer, meta=meta, path=str(name_or_path), notes=notes,
+        config=config,
+    )  # fmt: skip
 
 
 # Files of a model folder that hold the model, not its tokenizer. Everything else in the

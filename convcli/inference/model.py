@@ -116,25 +116,31 @@ class ConversationModel:
     """A conversation model (forward or reverse) ready to generate.
 
     Build with `from_pretrained`; `.model` is the Hugging Face model, `.tokenizer` the
-    `ConversationTokenizer`, `.meta` the folder's `ModelMeta`. With the ctranslate2
-    backend, `.engine` runs the model and `.model` holds its config only (no weights).
+    `ConversationTokenizer`, `.meta` the folder's `ModelMeta`, `.config` the model's
+    config. With the ctranslate2 backend, `.engine` runs the model and `.model` is None.
     """
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: PreTrainedModel | None,
         tokenizer: ConversationTokenizer,
         meta: ModelMeta,
         path: str = "",
         engine: CT2Engine | None = None,
+        config: Any = None,
     ) -> None:
+        if model is None and (engine is None or config is None):
+            raise ValueError(
+                "a ConversationModel without a torch model needs an engine and a config"
+            )
         self.model = model
+        self.config = config if config is not None else model.config  # type: ignore[union-attr]
         self.tokenizer = tokenizer
         self.meta = meta
         self.path = path
         self.engine = engine
         self.notes: list[str] = []
-        if engine is None:
+        if model is not None and engine is None:
             # Batched calls (MMI candidates, several contexts) on CPU use oneDNN-packed
             # weights, made on first use; batch-1 calls run the model's own layers.
             from convcli.inference.packed import pack_batched_linears
@@ -183,7 +189,7 @@ class ConversationModel:
                 loaded.path, device=str(resolve_device(device)), compute_type=compute_type,
                 sep_token_id=loaded.meta.sep_token_id, threads=torch.get_num_threads(),
             )  # fmt: skip
-        model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path, engine)
+        model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path, engine, loaded.config)
         model.notes = loaded.notes  # e.g. a run directory's final/ was used
         return model
 
@@ -196,11 +202,11 @@ class ConversationModel:
             import torch
 
             return torch.device("cpu")
-        return self.model.device
+        return self.model.device  # type: ignore[union-attr]
 
     @property
     def n_positions(self) -> int:
-        config = self.model.config
+        config = self.config
         for name in ("n_positions", "max_position_embeddings", "n_ctx"):
             value = getattr(config, name, None)
             if isinstance(value, int) and value > 0:
@@ -322,6 +328,10 @@ class ConversationModel:
         if self.engine is not None:
             prompts = [layout(turns, self.sep_token_id)[0] for turns in turn_ids]
             stops = self._stop_ids(hf_kwargs.pop("eos_token_id", None))
+            if seed is not None:  # what else draws (MMI's choice) draws from torch's RNG
+                import torch
+
+                torch.manual_seed(seed)
             try:
                 replies = self.engine.generate(prompts, max_new, stops, seed=seed, **hf_kwargs)
             except (ValueError, TypeError) as exc:

@@ -81,6 +81,20 @@ def test_seeds_reproduce_and_differ(pair: tuple[Path, Path]) -> None:
     assert model.generate(CONTEXT, seed=8, **options).responses != first
 
 
+def test_a_seeded_mmi_turn_repeats(pair: tuple[Path, Path]) -> None:
+    """The candidates and the choice among them (a draw) both follow the seed."""
+    from convcli.inference.mmi import MMIReranker
+
+    forward, reverse = (load(p, backend="ctranslate2") for p in pair)
+    reranker = MMIReranker(forward, reverse, num_candidates=6, temperature=5.0)
+    sampling = {"do_sample": True, "top_k": 0, "temperature": 3.0, "max_new_tokens": 8}
+    turns = [reranker.respond(CONTEXT, seed=s, **sampling) for s in (11, 12, 11)]
+    assert [c.text for c in turns[0].candidates] == [c.text for c in turns[2].candidates]
+    assert turns[0].chosen == turns[2].chosen
+    assert turns[0].candidates != turns[1].candidates
+    assert forward.model is None  # the torch weights were never read
+
+
 def test_mmi_scores_equal_torch_and_argmax_picks_the_best(pair: tuple[Path, Path]) -> None:
     from convcli.inference.mmi import MMIReranker, score_candidates
 
