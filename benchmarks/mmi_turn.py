@@ -189,17 +189,53 @@ def startup_split(folders: list[str], k: int, n: int, threads: int, backend: str
     return split
 
 
-def profile_top(fn, rows: int = 5) -> list[tuple[str, float, float]]:
-    """(op, self CPU ms, share of the total) of the `rows` costliest ops of one call."""
+# Where an op's time goes, by its name (and, for products, by their output width).
+SAMPLING_OPS = ("topk", "sort", "softmax", "multinomial", "exponential", "argmax", "isin",
+                "masked_fill", "where", "cumsum", "lt", "ge", "any", "all", "max")  # fmt: skip
+CACHE_OPS = ("cat", "index_copy", "copy", "slice_scatter", "repeat_interleave", "index_select")
+PRODUCTS = ("linear", "addmm", "mm", "matmul")
+
+
+def category(key: str, shapes: str, vocab: int) -> str:
+    name = key.split("::")[-1].strip("_")  # aten::_softmax, aten::exponential_
+    if any(p in name for p in PRODUCTS) and str(vocab) in shapes:
+        return "output layer"
+    if name in CACHE_OPS:
+        return "cache handling"
+    if name in SAMPLING_OPS:
+        return "sampling and logits processors"
+    return "forward body"
+
+
+def profile_split(fn, vocab: int, rows: int = 5) -> tuple[list, dict[str, float], float]:
+    """One call under torch.profiler: its `rows` costliest ops (op, self ms, share), the
+    self CPU time by category (ms), and the wall time (ms); wall minus ops is Python."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
+    wall = 1000 * (time.perf_counter() - started)
+    split: dict[str, float] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        kind = category(e.key, str(e.input_shapes), vocab)
+        split[kind] = split.get(kind, 0.0) + e.self_cpu_time_total / 1000
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
-    return [
-        (e.key, e.self_cpu_time_total / 1000, e.self_cpu_time_total / total) for e in events[:rows]
-    ]
+    top = [(e.key, e.self_cpu_time_total / 1000, e.self_cpu_time_total / total) for e in events]
+    return top[:rows], split, wall
+
+
+def print_profile(title: str, fn, vocab: int) -> None:
+    top, split, wall = profile_split(fn, vocab)
+    ops = sum(split.values())
+    split["Python and framework overhead (wall - ops)"] = max(0.0, wall - ops)
+    print(f"profile of {title}: {wall:.0f} ms wall under the profiler")
+    for kind, ms in sorted(split.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<48}{ms:>10.0f} ms{100 * ms / wall:>7.1f}%")
+    print("  top five ops by self CPU time:")
+    for op, ms, share in top:
+        print(f"    {op:<46}{ms:>10.0f} ms{100 * share:>7.1f}%")
 
 
 def main() -> None:
@@ -364,9 +400,19 @@ def main() -> None:
             )
 
     if "torch" in pairs:  # (torch.profiler does not see inside CTranslate2)
-        print(f"profile of one MMI turn (torch), top five by self CPU time ({threads} threads):")
-        for op, ms, share in profile_top(jobs["torch:mmi"]):
-            print(f"  {op:<48}{ms:>10.0f} ms{100 * share:>7.1f}%")
+        from convcli.inference.mmi import score_candidates
+
+        fwd, rev = pairs["torch"]
+        vocab = fwd.config.vocab_size
+        print(f"profiles (torch, {threads} threads):")
+        print_profile("one MMI turn", jobs["torch:mmi"], vocab)
+        print_profile(f"one batch-1 reply of {n} tokens", jobs["torch:b1"], vocab)
+        result = MMIReranker(fwd, rev, num_candidates=k).respond(CONTEXT, do_sample=True, **fixed)
+        rows = [c.token_ids for c in result.candidates]
+        sources = [[fwd.tokenizer.encode_turns(CONTEXT[-1:])[0]]] * len(rows)
+        print_profile(
+            "the MMI turn's reverse scoring", lambda: score_candidates(rev, rows, sources), vocab
+        )
     shutil.rmtree(tmp, ignore_errors=True)
 
 

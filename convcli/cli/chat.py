@@ -116,9 +116,7 @@ def chat(
         budget = min(budget, c.max_history_tokens)
     check_opening(forward, start.opening, budget)
     if sampling.seed is not None:
-        import torch
-
-        torch.manual_seed(sampling.seed)
+        forward.reseed(sampling.seed)
 
     log = Transcript(c.transcript) if c.transcript is not None else None
     if log is not None:

@@ -245,15 +245,11 @@ class CT2Engine:
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
         stops: Sequence[int],
-        *,
-        seed: int | None = None,
         **hf_kwargs: Any,
     ) -> list[list[int]]:
         """The reply ids of every hypothesis of every prompt, prompt-major, each cut
-        before its first stop id."""
+        before its first stop id (`reseed` first for reproducible samples)."""
         options = ct2_options(hf_kwargs, max_new_tokens)
-        if seed is not None:
-            self.reseed(seed)
         results = self.generator.generate_batch(
             [[str(t) for t in ids] for ids in prompts], end_token=[int(s) for s in stops],
             **options,

@@ -328,18 +328,25 @@ class ConversationModel:
         if self.engine is not None:
             prompts = [layout(turns, self.sep_token_id)[0] for turns in turn_ids]
             stops = self._stop_ids(hf_kwargs.pop("eos_token_id", None))
-            if seed is not None:  # what else draws (MMI's choice) draws from torch's RNG
-                import torch
-
-                torch.manual_seed(seed)
+            if seed is not None:
+                self.reseed(seed)
             try:
-                replies = self.engine.generate(prompts, max_new, stops, seed=seed, **hf_kwargs)
+                replies = self.engine.generate(prompts, max_new, stops, **hf_kwargs)
             except (ValueError, TypeError) as exc:
                 raise UsageError(f"generation options rejected: {first_line(exc)}") from exc
         else:
             sequences = self.generate_ids(tensors, max_new, seed=seed, **hf_kwargs)
             replies = self.response_ids(sequences, tensors["input_ids"].shape[1])
         return Sampled(turn_ids, tensors, max_new, replies)
+
+    def reseed(self, seed: int) -> None:
+        """Seed what draws from here on: torch's RNG (sampling, MMI's choice) and the
+        engine's, when there is one."""
+        import torch
+
+        torch.manual_seed(seed)
+        if self.engine is not None:
+            self.engine.reseed(seed)
 
     def prepare(
         self,

@@ -163,6 +163,14 @@ def test_cli_backend_option(pair: tuple[Path, Path]) -> None:
                   "--backend", "ctranslate2", "--seed", "3", "--json")  # fmt: skip
     assert mmi.returncode == 0, mmi.stderr
     assert '"candidates"' in mmi.stdout
+    chats = [
+        run_cli("chat", forward, "--reverse-model", reverse, "--backend", "ctranslate2",
+                "--seed", "5", "--temperature", "3", input="Hello\nDo you like tea?\n/quit\n")
+        for _ in range(2)
+    ]  # fmt: skip
+    assert chats[0].returncode == 0, chats[0].stderr
+    assert chats[0].stdout == chats[1].stdout  # a seeded chat repeats itself
+    assert len(chats[0].stdout.splitlines()) == 2
     wrong = run_cli("generate", forward, *CONTEXT, "--compute-type", "int8")
     assert wrong.returncode == 2
     assert "--compute-type is for --backend ctranslate2" in wrong.stderr
