@@ -11,14 +11,22 @@ The model folder is converted once and kept in the user's cache (see `cache_root
 keyed by the folder's files, so later runs load the converted model directly. Token ids
 pass through unchanged: the converted vocabulary names each id by its number.
 
+Token types: GPT-2 adds `wte[type]` to a token's embedding, and CTranslate2's GPT-2
+has no input for it. Types here are 0 or 1 (the turn's parity), and every generated
+token takes the type of the context's final sep (`r`). So a model trained with token
+types is converted once per `r`, with twice the vocabulary: row `id` embeds
+`wte[id] + wte[r]` (generated tokens and context tokens of type `r`), row `V + id`
+embeds `wte[id] + wte[1 - r]` (context tokens of the other type); the output layer
+keeps its V rows. The numbers are the model's own, with one addition folded in.
+
 What differs from the torch backend, plainly:
 - int8 weights change the logits a little, so a greedy reply can part from the
   float32 one after some tokens; `compute_type="float32"` computes in float32 (the same
   numbers up to rounding, not bit for bit).
 - sampling draws from CTranslate2's random generator: a seed reproduces a reply within
   this backend, not the torch backend's reply for the same seed.
-- a model trained with token types cannot run here: CTranslate2's GPT-2 has no input
-  for them.
+- a model trained with token types keeps a converted copy per reply parity (twice
+  the converted weights in memory once contexts of both parities came).
 """
 
 from __future__ import annotations
@@ -82,8 +90,9 @@ def quantization_for(compute_type: str) -> str | None:
     return None if compute_type == "float32" else compute_type
 
 
-def cache_key(folder: Path, compute_type: str) -> str:
-    """A name for the conversion of `folder`'s current files at `compute_type`."""
+def cache_key(folder: Path, compute_type: str, response_type: int | None = None) -> str:
+    """A name for the conversion of `folder`'s current files at `compute_type` (for
+    replies of token type `response_type`, when the model has token types)."""
     ct2 = require_ctranslate2()
     files = []
     for path in sorted(folder.iterdir()):
@@ -96,16 +105,21 @@ def cache_key(folder: Path, compute_type: str) -> str:
         "storage": quantization_for(compute_type),
         "ctranslate2": ct2.__version__,
         "conversion": CONVERSION_VERSION,
+        "response_type": response_type,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"{folder.resolve().name}-{digest[:16]}"
 
 
-def convert(folder: Path, output: Path, compute_type: str, sep_token_id: int) -> None:
+def convert(
+    folder: Path, output: Path, compute_type: str, sep_token_id: int,
+    response_type: int | None = None,
+) -> None:  # fmt: skip
     """Write the GPT-2 in `folder` as a CTranslate2 model folder at `output`.
 
     CTranslate2's own GPT-2 loader maps the layers; the vocabulary is the ids' numbers,
-    so no tokenizer is involved and ids round-trip exactly.
+    so no tokenizer is involved and ids round-trip exactly. With `response_type`, the
+    embeddings fold in the token types (see the module's docstring).
     """
     require_ctranslate2()
     import torch
@@ -118,7 +132,13 @@ def convert(folder: Path, output: Path, compute_type: str, sep_token_id: int) ->
     with quiet_weight_bars():
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **TRUST)
     spec = GPT2Loader().get_model_spec(model)
-    spec.register_vocabulary([str(i) for i in range(model.config.vocab_size)])
+    vocab = model.config.vocab_size
+    if response_type is not None:
+        wte = model.get_input_embeddings().weight.detach()
+        r = response_type
+        spec.decoder.embeddings.weight = torch.cat((wte + wte[r], wte + wte[1 - r])).numpy()
+        vocab *= 2
+    spec.register_vocabulary([str(i) for i in range(vocab)])
     spec.config.bos_token = spec.config.eos_token = spec.config.unk_token = str(sep_token_id)
     spec.config.layer_norm_epsilon = model.config.layer_norm_epsilon
     spec.validate()
@@ -126,7 +146,9 @@ def convert(folder: Path, output: Path, compute_type: str, sep_token_id: int) ->
     spec.save(str(output))
 
 
-def converted_folder(folder: Path, compute_type: str, sep_token_id: int) -> Path:
+def converted_folder(
+    folder: Path, compute_type: str, sep_token_id: int, response_type: int | None = None
+) -> Path:
     """The cached conversion of `folder` (made now when missing).
 
     The conversion is written to a temporary folder beside its final name and renamed
@@ -136,13 +158,13 @@ def converted_folder(folder: Path, compute_type: str, sep_token_id: int) -> Path
     from convcli.outputs import rename_noreplace
 
     root = cache_root()
-    target = root / cache_key(folder, compute_type)
+    target = root / cache_key(folder, compute_type, response_type)
     if (target / "model.bin").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
     try:
-        convert(folder, tmp, compute_type, sep_token_id)
+        convert(folder, tmp, compute_type, sep_token_id, response_type)
         if not rename_noreplace(tmp, target):  # another process was faster
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
@@ -188,82 +210,125 @@ def ct2_options(hf_kwargs: dict[str, Any], max_new_tokens: int) -> dict[str, Any
     return options
 
 
+# A prompt or a scored row: its ids, and their token types when the model uses them.
+Row = tuple[Sequence[int], Sequence[int] | None]
+
+
 class CT2Engine:
-    """A CTranslate2 generator for one converted model: generation and scoring by ids."""
+    """CTranslate2 generators for one model folder: generation and scoring by ids.
 
-    def __init__(self, folder: Path, device: str, compute_type: str, threads: int) -> None:
-        if compute_type not in COMPUTE_TYPES:
-            raise UsageError(
-                f"`compute_type` must be one of {', '.join(COMPUTE_TYPES)}, got {compute_type!r}"
-            )
-        self.folder, self.compute_type, self.threads = folder, compute_type, threads
-        kind, _, index = device.partition(":")
-        self.device, self.device_index = kind, int(index or 0)
-        self.generator = self._load()
+    Converted models load on first use: one, or one per reply parity for a model with
+    token types (`None`, or 0 and 1, below).
+    """
 
-    @classmethod
-    def for_folder(
-        cls, folder: str | Path, *, device: str, compute_type: str, sep_token_id: int,
-        threads: int,
-    ) -> CT2Engine:  # fmt: skip
-        """The engine for the GPT-2 model folder `folder` (converted once, then cached)."""
-        path = Path(folder)
-        if not path.is_dir():
-            raise ConvcliError(f"{folder}: the ctranslate2 backend needs a local model folder")
+    def __init__(
+        self, folder: Path, *, device: str, compute_type: str, sep_token_id: int,
+        threads: int, token_types: bool,
+    ) -> None:  # fmt: skip
         if compute_type not in COMPUTE_TYPES:  # before any conversion
             raise UsageError(
                 f"`compute_type` must be one of {', '.join(COMPUTE_TYPES)}, got {compute_type!r}",
                 param="compute_type",
             )
-        converted = converted_folder(path, compute_type, sep_token_id)
-        return cls(converted, device, compute_type, threads)
+        if not folder.is_dir():
+            raise ConvcliError(f"{folder}: the ctranslate2 backend needs a local model folder")
+        self.folder, self.compute_type, self.threads = folder, compute_type, threads
+        self.sep_token_id, self.token_types = sep_token_id, token_types
+        kind, _, index = device.partition(":")
+        self.device, self.device_index = kind, int(index or 0)
+        self.vocab_size = 0
+        self._generators: dict[int | None, Any] = {}
+        self.generator(0 if token_types else None)  # convert (once) and load now
 
-    def _load(self) -> Any:
-        ct2 = require_ctranslate2()
-        return ct2.Generator(
-            str(self.folder),
-            device=self.device,
-            device_index=self.device_index,
-            compute_type=self.compute_type,
-            intra_threads=self.threads,
-            inter_threads=1,
-        )
+    def generator(self, response_type: int | None) -> Any:
+        """The generator for replies of `response_type` (None: a model without types)."""
+        if response_type not in self._generators:
+            ct2 = require_ctranslate2()
+            path = converted_folder(
+                self.folder, self.compute_type, self.sep_token_id, response_type
+            )
+            self._generators[response_type] = ct2.Generator(
+                str(path),
+                device=self.device,
+                device_index=self.device_index,
+                compute_type=self.compute_type,
+                intra_threads=self.threads,
+                inter_threads=1,
+            )
+            rows = json.loads((path / "vocabulary.json").read_text(encoding="utf-8"))
+            self.vocab_size = len(rows) // (2 if response_type is not None else 1)
+        return self._generators[response_type]
 
     def reseed(self, seed: int) -> None:
         """Make the next calls draw from `seed`.
 
         CTranslate2 seeds a worker thread's random generator when the thread starts, so
-        a seed takes a fresh generator (loading a converted model takes a fraction of a
+        a seed takes fresh generators (loading a converted model takes a fraction of a
         second, from the page cache).
         """
         ct2 = require_ctranslate2()
         ct2.set_random_seed(int(seed) % 2**32)
-        self.generator = self._load()
+        loaded = list(self._generators)
+        self._generators.clear()
+        for response_type in loaded:
+            self.generator(response_type)
+
+    def tokens(self, row: Row, response_type: int | None) -> list[str]:
+        """A row as the vocabulary names of the table for `response_type`."""
+        ids, types = row
+        if response_type is None or types is None:
+            return [str(t) for t in ids]
+        v = self.vocab_size
+        return [str(t if k == response_type else v + t) for t, k in zip(ids, types, strict=True)]
 
     def generate(
         self,
-        prompts: Sequence[Sequence[int]],
+        prompts: Sequence[Row],
         max_new_tokens: int,
         stops: Sequence[int],
         **hf_kwargs: Any,
     ) -> list[list[int]]:
         """The reply ids of every hypothesis of every prompt, prompt-major, each cut
-        before its first stop id (`reseed` first for reproducible samples)."""
-        options = ct2_options(hf_kwargs, max_new_tokens)
-        results = self.generator.generate_batch(
-            [[str(t) for t in ids] for ids in prompts], end_token=[int(s) for s in stops],
-            **options,
-        )  # fmt: skip
-        stop = set(stops)
-        out = []
-        for result in results:
-            for ids in result.sequences_ids:
-                end = next((i for i, t in enumerate(ids) if t in stop), len(ids))
-                out.append(list(ids[:end]))
-        return out
+        before its first stop id (`reseed` first for reproducible samples).
 
-    def log_probs(self, rows: Sequence[Sequence[int]]) -> list[list[float]]:
+        With token types, prompts are grouped by the type their reply takes (their last
+        token's) and each group runs on its own table; the order is kept.
+        """
+        options = ct2_options(hf_kwargs, max_new_tokens)
+        groups: dict[int | None, list[int]] = {}
+        for i, (_, types) in enumerate(prompts):
+            key = types[-1] if self.token_types and types is not None else None
+            groups.setdefault(key, []).append(i)
+        per_prompt: dict[int, list[list[int]]] = {}
+        stop = set(stops)
+        for key, members in groups.items():
+            results = self.generator(key).generate_batch(
+                [self.tokens(prompts[i], key) for i in members],
+                end_token=[int(s) for s in stops], **options,
+            )  # fmt: skip
+            for i, result in zip(members, results, strict=True):
+                per_prompt[i] = [
+                    list(ids[: next((j for j, t in enumerate(ids) if t in stop), len(ids))])
+                    for ids in result.sequences_ids
+                ]
+        return [reply for i in range(len(prompts)) for reply in per_prompt[i]]
+
+    def log_probs(self, rows: Sequence[Row]) -> list[list[float]]:
         """For each row, the log-probability of each token after the first given those
-        before it (`len(row) - 1` values)."""
-        results = self.generator.score_batch([[str(t) for t in row] for row in rows])
-        return [list(r.log_probs) for r in results]
+        before it (`len(ids) - 1` values)."""
+        if not self.token_types:
+            results = self.generator(None).score_batch([self.tokens(row, None) for row in rows])
+            return [list(r.log_probs) for r in results]
+        # score_batch reads each token as input and as target, and a token of the other
+        # type is row V + id as input but must be scored as id: score from the output
+        # log-probabilities instead (rows x positions x V, one call).
+        import numpy as np
+
+        out = self.generator(0).forward_batch(
+            [self.tokens(row, 0) for row in rows], return_log_probs=True
+        )
+        logp = np.asarray(out)
+        return [
+            [float(logp[b, j, ids[j + 1]]) for j in range(len(ids) - 1)]
+            for b, (ids, _) in enumerate(rows)
+        ]

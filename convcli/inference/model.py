@@ -180,14 +180,10 @@ class ConversationModel:
 
             from convcli.inference.ct2_engine import CT2Engine
 
-            if loaded.meta.token_types:
-                raise ConvcliError(
-                    f"{loaded.path} was trained with token types, which the ctranslate2 "
-                    "backend cannot feed: use `backend` torch"
-                )
-            engine = CT2Engine.for_folder(
-                loaded.path, device=str(resolve_device(device)), compute_type=compute_type,
+            engine = CT2Engine(
+                Path(loaded.path), device=str(resolve_device(device)), compute_type=compute_type,
                 sep_token_id=loaded.meta.sep_token_id, threads=torch.get_num_threads(),
+                token_types=loaded.meta.token_types,
             )  # fmt: skip
         model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path, engine, loaded.config)
         model.notes = loaded.notes  # e.g. a run directory's final/ was used
@@ -326,7 +322,8 @@ class ConversationModel:
             keep_first_turns=keep_first_turns,
         )
         if self.engine is not None:
-            prompts = [layout(turns, self.sep_token_id)[0] for turns in turn_ids]
+            laid = (layout(turns, self.sep_token_id) for turns in turn_ids)
+            prompts = [(ids, types if self.meta.token_types else None) for ids, types, _ in laid]
             stops = self._stop_ids(hf_kwargs.pop("eos_token_id", None))
             if seed is not None:
                 self.reseed(seed)

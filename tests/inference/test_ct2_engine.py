@@ -1,5 +1,5 @@
-"""The ctranslate2 backend: the same replies as torch in float32, close ones in int8,
-seeds that reproduce, MMI scores equal to the torch backend's, one conversion per folder."""
+"""The ctranslate2 backend: the same replies as torch in float32 (token types too), close
+ones in int8, seeds that reproduce, MMI scores equal to torch's, one conversion per folder."""
 
 from __future__ import annotations
 
@@ -59,13 +59,40 @@ def test_float32_greedy_replies_equal_torch(pair: tuple[Path, Path]) -> None:
     assert "green tea" in got.responses[0]  # the trained reply, not noise
 
 
+def test_token_types_give_torch_replies_and_scores(
+    trained: tuple[Path, Path], tiny_model_dir: Path, cache: Path
+) -> None:
+    """A model trained with token types (the forward of `trained`): replies of both
+    parities in one batch, and scores, equal torch's in float32."""
+    from convcli.inference.mmi import score_candidates
+
+    torch_model = load(trained[0])
+    ct2_model = load(trained[0], backend="ctranslate2", compute_type="float32")
+    assert torch_model.meta.token_types
+    contexts = [["Do you like tea?"], ["Hello", "Hi, how are you?"], ["Good morning"]]
+    options = {"max_new_tokens": 12, "return_token_ids": True}
+    got = ct2_model.generate(contexts, **options)
+    assert got.token_ids == torch_model.generate(contexts, **options).token_ids
+    assert got.responses[:2] == ["Yes, I like green tea.", "I am fine, thank you."]
+    assert len(list(cache.iterdir())) == 2  # one table per reply parity
+
+    typed = load(tiny_model_dir)  # random weights, token types: any mistake shows
+    tok = typed.tokenizer
+    candidates = tok.encode_turns(["Yes, I like green tea.", "My name is Tiny."])
+    sources = [[tok.encode_turns(["Do you like tea?"])[0], tok.encode_turns(["Hello"])[0]]] * 2
+    expected = score_candidates(typed, candidates, sources)
+    ct2_typed = load(tiny_model_dir, backend="ctranslate2", compute_type="float32")
+    assert score_candidates(ct2_typed, candidates, sources) == pytest.approx(expected, abs=1e-4)
+
+
 def test_int8_scores_stay_close_to_float32(pair: tuple[Path, Path]) -> None:
     """int8 weights move each token's log-probability a little, not the reply's sense."""
     exact = load(pair[0], backend="ctranslate2", compute_type="float32")
     int8 = load(pair[0], backend="ctranslate2", compute_type="int8")
     rows = [exact.tokenizer.encode_turns(["Do you like tea?", "Yes, I like green tea."])[0]]
+    rows = [(rows[0], None)]
     (a,), (b,) = exact.engine.log_probs(rows), int8.engine.log_probs(rows)
-    assert len(a) == len(b) == len(rows[0]) - 1
+    assert len(a) == len(b) == len(rows[0][0]) - 1
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 0.5
     assert int8.generate(CONTEXT, max_new_tokens=12).text  # a reply comes out
 
@@ -135,11 +162,9 @@ def test_a_folder_is_converted_once_and_again_when_it_changes(
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no leftovers
 
 
-def test_refusals_are_one_line(pair: tuple[Path, Path], tiny_model_dir: Path, monkeypatch) -> None:
+def test_refusals_are_one_line(pair: tuple[Path, Path], monkeypatch) -> None:
     from convcli.errors import ConvcliError, UsageError
 
-    with pytest.raises(ConvcliError, match=r"trained with token types.*torch"):
-        load(tiny_model_dir, backend="ctranslate2")
     model = load(pair[0], backend="ctranslate2")
     with pytest.raises(UsageError, match="does not take the generation option `top_a`"):
         model.generate(CONTEXT, top_a=3)
