@@ -119,9 +119,7 @@ def _generate(
         return [{"responses": group} for group in result.per_context()]
 
     if sampling.seed is not None:
-        import torch
-
-        torch.manual_seed(sampling.seed)
+        forward.reseed(sampling.seed)
     if counts is None:
         (record,) = answer([list(turns or [])])
         if json_output:

@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from convcli.errors import ConvcliError, UsageError, first_line
+from convcli.inference.settings import Backend
 from convcli.modelfolder import LoadedModel, ModelMeta, load_model_folder
 from convcli.tokenizer import ConversationTokenizer, layout, truncate_turns
 
@@ -33,7 +34,10 @@ if TYPE_CHECKING:
     from convcli.inference.ct2_engine import CT2Engine
 
 DEFAULT_MAX_NEW_TOKENS = 64
-Backend = Literal["torch", "ctranslate2"]
+# What a folder's generation_config.json may set that the ctranslate2 backend applies
+# itself (transformers' generate applies the folder's defaults on the torch backend).
+ENGINE_DEFAULTS = ("do_sample", "top_k", "top_p", "temperature", "num_beams",
+                   "repetition_penalty", "no_repeat_ngram_size", "early_stopping")  # fmt: skip
 
 
 @dataclass
@@ -168,6 +172,8 @@ class ConversationModel:
 
         if backend not in ("torch", "ctranslate2"):
             raise UsageError(f"`backend` must be torch or ctranslate2, got {backend!r}")
+        if backend == "ctranslate2" and dtype is not None:
+            raise UsageError("`dtype` is for the torch backend (ctranslate2: `compute_type`)")
         share = None
         if share_tokenizer is not None:
             share = (share_tokenizer.path, share_tokenizer.tokenizer)
@@ -189,15 +195,21 @@ class ConversationModel:
         model.notes = loaded.notes  # e.g. a run directory's final/ was used
         return model
 
+    def require_torch(self, what: str) -> PreTrainedModel:
+        """The torch model, or one line saying that `what` needs the torch backend."""
+        if self.model is None:
+            raise ConvcliError(f"{what} runs on the torch backend, not {self.path}'s engine")
+        return self.model
+
     # -- properties -------------------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
-        """Where the inputs go (CPU for the ctranslate2 backend, which takes lists)."""
+        """Where the model runs."""
         if self.engine is not None:
             import torch
 
-            return torch.device("cpu")
+            return torch.device(self.engine.device, self.engine.device_index)
         return self.model.device  # type: ignore[union-attr]
 
     @property
@@ -257,7 +269,7 @@ class ConversationModel:
             ids_rows.append([pad] * gap + ids)
             mask_rows.append([0] * gap + [1] * len(ids))
             type_rows.append([0] * gap + types)
-        device = self.device
+        device = self.device if self.engine is None else "cpu"  # the engine takes lists
         tensors = {
             "input_ids": torch.tensor(ids_rows, dtype=torch.long, device=device),
             "attention_mask": torch.tensor(mask_rows, dtype=torch.long, device=device),
@@ -325,25 +337,39 @@ class ConversationModel:
             laid = (layout(turns, self.sep_token_id) for turns in turn_ids)
             prompts = [(ids, types if self.meta.token_types else None) for ids, types, _ in laid]
             stops = self._stop_ids(hf_kwargs.pop("eos_token_id", None))
+            options = {**self.generation_defaults(), **hf_kwargs}
             if seed is not None:
-                self.reseed(seed)
+                self.reseed(seed, engine=bool(options.get("do_sample")))
             try:
-                replies = self.engine.generate(prompts, max_new, stops, **hf_kwargs)
+                generated = self.engine.generate(prompts, max_new, stops, **options)
             except (ValueError, TypeError) as exc:
                 raise UsageError(f"generation options rejected: {first_line(exc)}") from exc
+            replies = [self.cut_reply(ids) for ids in generated]
         else:
             sequences = self.generate_ids(tensors, max_new, seed=seed, **hf_kwargs)
             replies = self.response_ids(sequences, tensors["input_ids"].shape[1])
         return Sampled(turn_ids, tensors, max_new, replies)
 
-    def reseed(self, seed: int) -> None:
+    def reseed(self, seed: int, *, engine: bool = True) -> None:
         """Seed what draws from here on: torch's RNG (sampling, MMI's choice) and the
-        engine's, when there is one."""
+        engine's, when there is one (`engine=False`: a call that does not sample)."""
         import torch
 
         torch.manual_seed(seed)
-        if self.engine is not None:
+        if self.engine is not None and engine:
             self.engine.reseed(seed)
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The decoding options the folder's generation_config.json sets (read once)."""
+        if not hasattr(self, "_generation_defaults"):
+            from transformers import GenerationConfig
+
+            try:
+                config = GenerationConfig.from_pretrained(self.path).to_diff_dict()
+            except (OSError, ValueError):
+                config = {}
+            self._generation_defaults = {k: config[k] for k in ENGINE_DEFAULTS if k in config}
+        return dict(self._generation_defaults)
 
     def prepare(
         self,
@@ -440,15 +466,15 @@ class ConversationModel:
 
     def response_ids(self, sequences: torch.Tensor, prompt_width: int) -> list[list[int]]:
         """The generated ids of each sequence, cut at the first sep (or eos/pad)."""
+        return [self.cut_reply(row) for row in sequences[:, prompt_width:].tolist()]
+
+    def cut_reply(self, ids: Sequence[int]) -> list[int]:
+        """Generated ids up to the first sep, pad or eos (both backends cut alike)."""
         stops = {self.sep_token_id, self.tokenizer.pad_token_id}
         eos = self.tokenizer.tokenizer.eos_token_id
         if eos is not None:
             stops.add(eos)
-        out = []
-        for row in sequences[:, prompt_width:].tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), len(row))
-            out.append(row[:end])
-        return out
+        return list(ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))])
 
 
 def _shares_context(tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any]) -> bool:

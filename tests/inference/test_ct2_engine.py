@@ -3,7 +3,9 @@ ones in int8, seeds that reproduce, MMI scores equal to torch's, one conversion 
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,20 @@ def test_int8_scores_stay_close_to_float32(pair: tuple[Path, Path]) -> None:
     assert int8.generate(CONTEXT, max_new_tokens=12).text  # a reply comes out
 
 
+def test_beams_and_top_k_1_match_torch(pair: tuple[Path, Path]) -> None:
+    """Beam search with early stopping (CTranslate2's only kind) and top-k 1 sampling of
+    several replies give torch's replies in float32."""
+    torch_model = load(pair[0])
+    ct2_model = load(pair[0], backend="ctranslate2", compute_type="float32")
+    contexts = [["Do you like tea?"], ["Where do you live?"]]
+    for options in (
+        {"num_beams": 3, "early_stopping": True, "num_return_sequences": 2},
+        {"do_sample": True, "top_k": 1, "num_return_sequences": 3},
+    ):
+        expected = torch_model.generate(contexts, max_new_tokens=10, **options).responses
+        assert ct2_model.generate(contexts, max_new_tokens=10, **options).responses == expected
+
+
 def test_seeds_reproduce_and_differ(pair: tuple[Path, Path]) -> None:
     model = load(pair[0], backend="ctranslate2")
     options = {"do_sample": True, "top_k": 0, "temperature": 3.0, "max_new_tokens": 10,
@@ -161,6 +177,50 @@ def test_a_folder_is_converted_once_and_again_when_it_changes(
     assert len(list(cache.iterdir())) == 3
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no leftovers
 
+    # The copy's weights rewritten in place, same size and mtime: a new conversion, and
+    # the old one goes (as does a temp folder of a conversion that died an hour ago).
+    weights = copy / "model.safetensors"
+    stat = weights.stat()
+    weights.write_bytes(weights.read_bytes())
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    dead = cache / ".copy-0123456789abcdef.xyz"
+    dead.mkdir()
+    os.utime(dead, (time.time() - 7200,) * 2)
+    load(copy, backend="ctranslate2")
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) == 3 and not [n for n in names if n.startswith(".")]
+    assert converted.name in names
+
+
+def test_two_processes_converting_at_once_share_one_copy(
+    pair: tuple[Path, Path], cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other process's copy lands while this one converts: this one uses it."""
+    import shutil
+
+    from convcli.inference import ct2_engine
+
+    real = ct2_engine.convert
+
+    def raced(folder, output, *args):
+        real(folder, output, *args)
+        ident = ct2_engine.identity(folder, args[0], args[2])
+        shutil.copytree(output, cache / ct2_engine.cache_key(ident))
+
+    monkeypatch.setattr(ct2_engine, "convert", raced)
+    assert load(pair[0], backend="ctranslate2").generate(CONTEXT, max_new_tokens=4).text
+    assert [p.name.startswith(".") for p in cache.iterdir()] == [False]
+
+
+def test_without_renameat2_a_plain_rename_places_the_conversion(
+    pair: tuple[Path, Path], cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convcli import outputs
+
+    monkeypatch.setattr(outputs, "_renameat2", lambda *args: False)  # as on macOS
+    assert load(pair[0], backend="ctranslate2").generate(CONTEXT, max_new_tokens=4).text
+    assert len(list(cache.iterdir())) == 1
+
 
 def test_refusals_are_one_line(pair: tuple[Path, Path], monkeypatch) -> None:
     from convcli.errors import ConvcliError, UsageError
@@ -170,8 +230,16 @@ def test_refusals_are_one_line(pair: tuple[Path, Path], monkeypatch) -> None:
         model.generate(CONTEXT, top_a=3)
     with pytest.raises(UsageError, match="samples without beams"):
         model.generate(CONTEXT, do_sample=True, num_beams=2)
-    with pytest.raises(UsageError, match="compute_type"):
-        load(pair[0], backend="ctranslate2", compute_type="int4")
+    with pytest.raises(UsageError, match=r"`repetition_penalty`.*torch backend"):
+        model.generate(CONTEXT, repetition_penalty=1.3)
+    with pytest.raises(UsageError, match="early_stopping=true"):
+        model.generate(CONTEXT, num_beams=2)
+    with pytest.raises(UsageError, match=r"float16 does not run on this CPU: choose one of int8"):
+        load(pair[0], backend="ctranslate2", compute_type="float16")
+    with pytest.raises(ConvcliError, match="evaluating the loss runs on the torch backend"):
+        from convcli.evaluation import evaluate_loss
+
+        evaluate_loss(model, pair[0])
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # not installed
     with pytest.raises(ConvcliError, match=r"pip install 'convcli\[ctranslate2\]'"):
         load(pair[0], backend="ctranslate2")
@@ -184,10 +252,14 @@ def test_cli_backend_option(pair: tuple[Path, Path]) -> None:
                       "--backend", "ctranslate2", "--compute-type", "float32")  # fmt: skip
     assert ct2_run.returncode == 0, ct2_run.stderr
     assert ct2_run.stdout == torch_run.stdout
-    mmi = run_cli("generate", forward, *CONTEXT, "--reverse-model", reverse,
-                  "--backend", "ctranslate2", "--seed", "3", "--json")  # fmt: skip
-    assert mmi.returncode == 0, mmi.stderr
-    assert '"candidates"' in mmi.stdout
+    mmi = [
+        run_cli("generate", forward, *CONTEXT, "--reverse-model", reverse, "--backend",
+                "ctranslate2", "--seed", "3", "--temperature", "3", "--json")
+        for _ in range(2)
+    ]  # fmt: skip
+    assert mmi[0].returncode == 0, mmi[0].stderr
+    assert '"candidates"' in mmi[0].stdout
+    assert mmi[0].stdout == mmi[1].stdout  # a seed repeats the candidates and the choice
     chats = [
         run_cli("chat", forward, "--reverse-model", reverse, "--backend", "ctranslate2",
                 "--seed", "5", "--temperature", "3", input="Hello\nDo you like tea?\n/quit\n")
