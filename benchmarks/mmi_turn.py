@@ -18,17 +18,24 @@ lengths). The jobs run interleaved, `--repeats` times; the figures are medians.
 - start-up: a fresh process imports convcli, loads two model folders
   (`load_models`, as generate/chat do) and answers one MMI turn, then a second one.
 - the profile's top five (torch.profiler, self CPU time) of one MMI turn.
+- with ctranslate2 installed, the first three rows again with `backend="ctranslate2"`
+  (int8; the models are saved to a temp folder and converted into a temp cache, once,
+  before timing), against the same tutorial and bare `generate` runs, and its start-up.
 
 `convert` (the table's last row) is `benchmarks/convert_memory.py`. Torch threads are
 what the commands use (`default_threads()`, OMP_NUM_THREADS) unless `--threads`.
 Usage: python benchmarks/mmi_turn.py [--layers 12] [--repeats 3] [--new-tokens 32]
+[--backend torch|ctranslate2|both]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,7 +80,8 @@ def random_gpt2(tok: ConversationTokenizer, layers: int, seed: int):
 
 
 def conversation_model(model, tok: ConversationTokenizer, reverse: bool) -> ConversationModel:
-    meta = ModelMeta(token_types=not reverse, sep_token_id=tok.sep_token_id, reverse=reverse)
+    # No token types: as converted DialoGPT models (and what CTranslate2 can run).
+    meta = ModelMeta(token_types=False, sep_token_id=tok.sep_token_id, reverse=reverse)
     return ConversationModel(model, tok, meta, path=f"random-{'reverse' if reverse else 'forward'}")
 
 
@@ -133,15 +141,17 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def startup_child(forward_dir: str, reverse_dir: str, k: int, n: int) -> None:
+def startup_child(forward_dir: str, reverse_dir: str, k: int, n: int, backend: str) -> None:
     """In a fresh process: imports, loading both folders, then two MMI turns (JSON out)."""
     t0 = time.perf_counter()
     from convcli.inference.loading import load_models
-    from convcli.inference.settings import MMISettings
+    from convcli.inference.settings import EngineSettings, MMISettings
 
     t1 = time.perf_counter()
     _, reranker, _ = load_models(
-        forward_dir, MMISettings(reverse_model=Path(reverse_dir), num_candidates=k)
+        forward_dir,
+        MMISettings(reverse_model=Path(reverse_dir), num_candidates=k),
+        EngineSettings(backend=backend),  # type: ignore[arg-type]
     )
     t2 = time.perf_counter()
     sampling = {"do_sample": True, "top_k": 50, "max_new_tokens": n, "min_new_tokens": n}
@@ -153,24 +163,25 @@ def startup_child(forward_dir: str, reverse_dir: str, k: int, n: int) -> None:
     print(json.dumps({"imports": t1 - t0, "load": t2 - t1, "first": t3 - t2, "next": t4 - t3}))
 
 
-def startup_split(forward, reverse, k: int, n: int, threads: int) -> dict[str, float]:
+def save_pair(forward, reverse, root: Path) -> list[str]:
+    """The two models as model folders under `root` (forward, reverse)."""
     from convcli.modelfolder import save_model_folder
 
-    with tempfile.TemporaryDirectory(prefix="mmi-turn-") as tmp:
-        folders = []
-        for model in (forward, reverse):
-            folder = Path(tmp) / ("reverse" if model.meta.reverse else "forward")
+    folders = []
+    for model in (forward, reverse):
+        folder = root / ("reverse" if model.meta.reverse else "forward")
+        if not folder.exists():
             save_model_folder(model.model, model.tokenizer, model.meta, folder)
-            folders.append(str(folder))
-        started = time.perf_counter()
-        cmd = [sys.executable, __file__, "--startup-child", *folders, str(k), str(n)]
-        env_threads = {"OMP_NUM_THREADS": str(threads)}
-        import os
+        folders.append(str(folder))
+    return folders
 
-        result = subprocess.run(
-            cmd, capture_output=True, text=True, check=False, env={**os.environ, **env_threads}
-        )
-        wall = time.perf_counter() - started
+
+def startup_split(folders: list[str], k: int, n: int, threads: int, backend: str) -> dict:
+    started = time.perf_counter()
+    cmd = [sys.executable, __file__, "--startup-child", *folders, str(k), str(n), backend]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    wall = time.perf_counter() - started
     if result.returncode:
         sys.exit(f"start-up child failed:\n{result.stderr[-2000:]}")
     split = json.loads(result.stdout.strip().splitlines()[-1])
@@ -178,17 +189,53 @@ def startup_split(forward, reverse, k: int, n: int, threads: int) -> dict[str, f
     return split
 
 
-def profile_top(fn, rows: int = 5) -> list[tuple[str, float, float]]:
-    """(op, self CPU ms, share of the total) of the `rows` costliest ops of one call."""
+# Where an op's time goes, by its name (and, for products, by their output width).
+SAMPLING_OPS = ("topk", "sort", "softmax", "multinomial", "exponential", "argmax", "isin",
+                "masked_fill", "where", "cumsum", "lt", "ge", "any", "all", "max")  # fmt: skip
+CACHE_OPS = ("cat", "index_copy", "copy", "slice_scatter", "repeat_interleave", "index_select")
+PRODUCTS = ("linear", "addmm", "mm", "matmul")
+
+
+def category(key: str, shapes: str, vocab: int) -> str:
+    name = key.split("::")[-1].strip("_")  # aten::_softmax, aten::exponential_
+    if any(p in name for p in PRODUCTS) and str(vocab) in shapes:
+        return "output layer"
+    if name in CACHE_OPS:
+        return "cache handling"
+    if name in SAMPLING_OPS:
+        return "sampling and logits processors"
+    return "forward body"
+
+
+def profile_split(fn, vocab: int, rows: int = 5) -> tuple[list, dict[str, float], float]:
+    """One call under torch.profiler: its `rows` costliest ops (op, self ms, share), the
+    self CPU time by category (ms), and the wall time (ms); wall minus ops is Python."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
+    wall = 1000 * (time.perf_counter() - started)
+    split: dict[str, float] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        kind = category(e.key, str(e.input_shapes), vocab)
+        split[kind] = split.get(kind, 0.0) + e.self_cpu_time_total / 1000
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
-    return [
-        (e.key, e.self_cpu_time_total / 1000, e.self_cpu_time_total / total) for e in events[:rows]
-    ]
+    top = [(e.key, e.self_cpu_time_total / 1000, e.self_cpu_time_total / total) for e in events]
+    return top[:rows], split, wall
+
+
+def print_profile(title: str, fn, vocab: int) -> None:
+    top, split, wall = profile_split(fn, vocab)
+    ops = sum(split.values())
+    split["Python and framework overhead (wall - ops)"] = max(0.0, wall - ops)
+    print(f"profile of {title}: {wall:.0f} ms wall under the profiler")
+    for kind, ms in sorted(split.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<48}{ms:>10.0f} ms{100 * ms / wall:>7.1f}%")
+    print("  top five ops by self CPU time:")
+    for op, ms, share in top:
+        print(f"    {op:<46}{ms:>10.0f} ms{100 * share:>7.1f}%")
 
 
 def main() -> None:
@@ -199,11 +246,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as the CLI)")
     parser.add_argument("--skip-startup", action="store_true", help="no start-up split")
-    parser.add_argument("--startup-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--backend", choices=("torch", "ctranslate2", "both"), default="both",
+        help="which backend's rows (both: ctranslate2's too when it is installed)",
+    )  # fmt: skip
+    parser.add_argument("--startup-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.startup_child:
-        fwd_dir, rev_dir, k, n = args.startup_child
-        startup_child(fwd_dir, rev_dir, int(k), int(n))
+        fwd_dir, rev_dir, k, n, backend = args.startup_child
+        startup_child(fwd_dir, rev_dir, int(k), int(n), backend)
         return
     from transformers.utils import logging as hf_logging
 
@@ -221,22 +272,31 @@ def main() -> None:
     sep = torch.tensor([[tok.sep_token_id]])
     # The tutorial's message list: each turn's ids followed by the end token.
     messages = [torch.cat((torch.tensor([ids]), sep), dim=1) for ids in tok.encode_turns(CONTEXT)]
-    reranker = MMIReranker(forward, reverse, num_candidates=k, temperature=0.5)
-    sampling = {"do_sample": True, "top_k": 50, "max_new_tokens": n, "min_new_tokens": n}
     _, tensors, _ = forward.prepare([CONTEXT], max_new_tokens=n)
     fixed = {"max_new_tokens": n, "min_new_tokens": n}
 
-    def mmi() -> None:
-        result = reranker.respond(CONTEXT, **sampling)
-        assert sum(c.count for c in result.candidates) == k
-        assert all(len(c.token_ids) == n for c in result.candidates)
+    backends = ["torch", "ctranslate2"] if args.backend == "both" else [args.backend]
+    if "ctranslate2" in backends and importlib.util.find_spec("ctranslate2") is None:
+        if args.backend == "ctranslate2":
+            sys.exit("the ctranslate2 rows need: pip install 'convcli[ctranslate2]'")
+        backends.remove("ctranslate2")
+    tmp = Path(tempfile.mkdtemp(prefix="mmi-turn-"))
+    os.environ["CONVCLI_CACHE"] = str(tmp / "cache")  # conversions stay in the temp folder
+    folders = save_pair(forward, reverse, tmp)
+    pairs = {}
+    for backend in backends:
+        if backend == "torch":
+            pairs[backend] = (forward, reverse)
+        else:  # loaded (and converted, once) from the saved folders, as the CLI does
+            from convcli.inference.model import ConversationModel
+
+            pairs[backend] = tuple(
+                ConversationModel.from_pretrained(f, device="cpu", backend=backend) for f in folders
+            )
 
     def tutorial() -> None:
         out = seed_generate_message(plain_forward, plain_reverse, messages, k, n, 0.5, sep)
         assert out.shape[1] == n
-
-    def ours_b1() -> None:
-        forward.generate(CONTEXT, **fixed)
 
     def bare_b1() -> None:
         with torch.inference_mode():
@@ -244,25 +304,36 @@ def main() -> None:
                 **tensors, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, **fixed
             )
 
-    def steps(rows: int, tokens: int):
-        def job() -> None:
-            forward.generate(
-                CONTEXT, do_sample=True, top_k=50, num_return_sequences=rows,
-                max_new_tokens=tokens, min_new_tokens=tokens,
-            )  # fmt: skip
+    def backend_jobs(fwd: ConversationModel, rev: ConversationModel) -> dict:
+        reranker = MMIReranker(fwd, rev, num_candidates=k, temperature=0.5)
+        sampling = {"do_sample": True, "top_k": 50, **fixed}
 
-        return job
+        def mmi() -> None:
+            result = reranker.respond(CONTEXT, **sampling)
+            assert sum(c.count for c in result.candidates) == k
+            assert all(len(c.token_ids) == n for c in result.candidates)
 
-    jobs = {
-        "mmi": mmi,
-        "tutorial": tutorial,
-        "ours_b1": ours_b1,
-        "bare_b1": bare_b1,
-        "b8_n": steps(k, n),
-        "b8_1": steps(k, 1),
-        "b1_n": steps(1, n),
-        "b1_1": steps(1, 1),
-    }
+        def steps(rows: int, tokens: int):
+            def job() -> None:
+                fwd.generate(
+                    CONTEXT, do_sample=True, top_k=50, num_return_sequences=rows,
+                    max_new_tokens=tokens, min_new_tokens=tokens,
+                )  # fmt: skip
+
+            return job
+
+        return {
+            "mmi": mmi,
+            "b1": lambda: fwd.generate(CONTEXT, **fixed),
+            "b8_n": steps(k, n),
+            "b8_1": steps(k, 1),
+            "b1_n": steps(1, n),
+            "b1_1": steps(1, 1),
+        }
+
+    jobs = {"tutorial": tutorial, "bare_b1": bare_b1}
+    for backend, (fwd, rev) in pairs.items():
+        jobs |= {f"{backend}:{name}": fn for name, fn in backend_jobs(fwd, rev).items()}
     print(
         f"models: 2 x GPT-2 ({args.layers} layers, 768 wide, "
         f"vocab {forward.model.config.vocab_size}), "
@@ -278,52 +349,71 @@ def main() -> None:
             times[name].append(timed(fn))
         print(f"  repeat {r + 1}/{args.repeats} done", file=sys.stderr)
     med = {name: statistics.median(values) for name, values in times.items()}
-    step8 = (med["b8_n"] - med["b8_1"]) / (n - 1)
-    step1 = (med["b1_n"] - med["b1_1"]) / (n - 1)
-    rows = [
-        (
-            f"MMI turn, {k} candidates x {n} tokens, vs the tutorial's loop",
-            f"{med['mmi']:.2f} s vs {med['tutorial']:.2f} s",
-            med["mmi"] / med["tutorial"],
-            "<= 0.25 (stretch 0.2)",
-        ),
-        (
-            "ms/token at batch 1 vs bare transformers generate",
-            f"{1000 * med['ours_b1'] / n:.0f} vs {1000 * med['bare_b1'] / n:.0f} ms",
-            med["ours_b1"] / med["bare_b1"],
-            "<= 0.7",
-        ),
-        (
-            f"a batch-{k} decode step vs a batch-1 decode step",
-            f"{1000 * step8:.0f} vs {1000 * step1:.0f} ms",
-            step8 / step1,
-            "<= 1.6",
-        ),
-    ]
     print(f"{'row':<62}{'measured':>24}{'ratio':>8}  target")
-    for name, measured, ratio, target in rows:
-        print(f"{name:<62}{measured:>24}{ratio:>8.3f}  {target}")
+    for backend in pairs:
+        m = {name.partition(":")[2]: v for name, v in med.items() if name.startswith(backend)}
+        step8 = (m["b8_n"] - m["b8_1"]) / (n - 1)
+        step1 = (m["b1_n"] - m["b1_1"]) / (n - 1)
+        rows = [
+            (
+                f"MMI turn, {k} candidates x {n} tokens, vs the tutorial's loop",
+                f"{m['mmi']:.2f} s vs {med['tutorial']:.2f} s",
+                m["mmi"] / med["tutorial"],
+                "<= 0.25 (stretch 0.2)",
+            ),
+            (
+                "ms/token at batch 1 vs bare transformers generate",
+                f"{1000 * m['b1'] / n:.0f} vs {1000 * med['bare_b1'] / n:.0f} ms",
+                m["b1"] / med["bare_b1"],
+                "<= 0.7",
+            ),
+            (
+                f"a batch-{k} decode step vs a batch-1 decode step",
+                f"{1000 * step8:.0f} vs {1000 * step1:.0f} ms",
+                step8 / step1,
+                "<= 1.6",
+            ),
+        ]
+        print(f"backend {backend}{' (int8)' if backend == 'ctranslate2' else ' (float32)'}:")
+        for name, measured, ratio, target in rows:
+            print(f"  {name:<60}{measured:>24}{ratio:>8.3f}  {target}")
     print("convert vs torch.load + safetensors save: see benchmarks/convert_memory.py")
     spread = {name: f"{min(v):.2f}-{max(v):.2f}" for name, v in times.items()}
     print(f"spread (s, min-max of the repeats): {spread}", file=sys.stderr)
 
     if not args.skip_startup:
-        split = startup_split(forward, reverse, k, n, threads)
-        # What answering once costs beyond a warm turn: start-up and the first turn's extra
-        # (weights paged in, packed weights made, first-call work in transformers).
-        extra = split["process"] + split["imports"] + split["load"] + split["first"] - split["next"]
-        print(
-            f"start-up of an MMI generate: interpreter and imports "
-            f"{split['process'] + split['imports']:.2f} s, "
-            f"loading two folders {split['load']:.2f} s, "
-            f"first turn {split['first']:.2f} s, next turn {split['next']:.2f} s; "
-            f"(start-up + first turn - next turn) / next turn = {extra / split['next']:.2f} "
-            "(target <= 1)"
-        )
+        for backend in pairs:
+            split = startup_split(folders, k, n, threads, backend)
+            # What answering once costs beyond a warm turn: start-up and the first turn's
+            # extra (weights paged in, packed weights made, first-call work in transformers).
+            extra = (
+                split["process"] + split["imports"] + split["load"] + split["first"]
+                - split["next"]
+            )  # fmt: skip
+            print(
+                f"start-up of an MMI generate ({backend}): interpreter and imports "
+                f"{split['process'] + split['imports']:.2f} s, "
+                f"loading two folders {split['load']:.2f} s, "
+                f"first turn {split['first']:.2f} s, next turn {split['next']:.2f} s; "
+                f"(start-up + first turn - next turn) / next turn = {extra / split['next']:.2f} "
+                "(target <= 1)"
+            )
 
-    print(f"profile of one MMI turn, top five by self CPU time ({threads} threads):")
-    for op, ms, share in profile_top(mmi):
-        print(f"  {op:<48}{ms:>10.0f} ms{100 * share:>7.1f}%")
+    if "torch" in pairs:  # (torch.profiler does not see inside CTranslate2)
+        from convcli.inference.mmi import score_candidates
+
+        fwd, rev = pairs["torch"]
+        vocab = fwd.config.vocab_size
+        print(f"profiles (torch, {threads} threads):")
+        print_profile("one MMI turn", jobs["torch:mmi"], vocab)
+        print_profile(f"one batch-1 reply of {n} tokens", jobs["torch:b1"], vocab)
+        result = MMIReranker(fwd, rev, num_candidates=k).respond(CONTEXT, do_sample=True, **fixed)
+        rows = [c.token_ids for c in result.candidates]
+        sources = [[fwd.tokenizer.encode_turns(CONTEXT[-1:])[0]]] * len(rows)
+        print_profile(
+            "the MMI turn's reverse scoring", lambda: score_candidates(rev, rows, sources), vocab
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,8 @@ def evaluate_loss(
     """Summed token loss / labelled tokens over a whole split (not a mean of batch means)."""
     import torch
 
+    model.require_torch("evaluating the loss")
+
     from convcli.data.shards import Shards
     from convcli.training.batching import BatchPlan, BucketBatchSampler
     from convcli.training.datamodule import Collate, TrainingExamples

@@ -87,12 +87,15 @@ class ModelMeta:
 class LoadedModel:
     """A model ready for inference or training, with its tokenizer and metadata."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | None
+    """None when loaded with `weights=False`."""
     tokenizer: ConversationTokenizer
     meta: ModelMeta
     path: str
     notes: list[str] = field(default_factory=list)
     """What the user should know about what was loaded (a run directory's final/ used)."""
+    config: Any = None
+    """The model's `PretrainedConfig`."""
 
 
 @contextlib.contextmanager
@@ -153,14 +156,17 @@ def load_model_folder(
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
     share_tokenizer: tuple[str | Path, ConversationTokenizer] | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load a model folder (or hub name) with its tokenizer and metadata, in eval mode.
 
     `share_tokenizer=(folder, tokenizer)`: when this folder's tokenizer files are
     byte-identical to `folder`'s, use `tokenizer` (already loaded from there) instead of
     loading the same files again (MMI's forward and reverse models usually share one).
+    `weights=False`: only the config is read, not the weights (another engine runs
+    them), and `model` is None; everything else is checked as usual.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from convcli.tokenizer import ConversationTokenizer
 
@@ -189,22 +195,29 @@ def load_model_folder(
         tokenizer = ConversationTokenizer.from_pretrained(name_or_path)
     meta = read_meta(name_or_path, tokenizer)
     try:
-        with quiet_weight_bars():
-            model = AutoModelForCausalLM.from_pretrained(
-                str(name_or_path), dtype=dtype or "auto", **TRUST
-            )
+        model = None
+        if weights:
+            with quiet_weight_bars():
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(name_or_path), dtype=dtype or "auto", **TRUST
+                )
+            config = model.config
+        else:  # no model class either: importing it costs seconds of start-up
+            config = AutoConfig.from_pretrained(str(name_or_path), **TRUST)
     except (OSError, ValueError) as exc:
         raise ConvcliError(f"cannot load model {str(name_or_path)!r}: {first_line(exc)}") from exc
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model.get_input_embeddings().weight.shape[0] if model else config.vocab_size
     if len(tokenizer) > rows:
         raise ConvcliError(
             f"{name_or_path}: the tokenizer has {len(tokenizer)} tokens but the model only "
             f"{rows} embeddings; they do not belong together"
         )
-    model.to(target).eval()
+    if model is not None:
+        model.to(target).eval()
     return LoadedModel(
-        model=model, tokenizer=tokenizer, meta=meta, path=str(name_or_path), notes=notes
-    )
+        model=model, tokenizer=tokenizer, meta=meta, path=str(name_or_path), notes=notes,
+        config=config,
+    )  # fmt: skip
 
 
 # Files of a model folder that hold the model, not its tokenizer. Everything else in the

@@ -16,8 +16,8 @@ from convcli.errors import UsageError
 from convcli.inference.settings import (
     CHAT_SAMPLING,
     ChatSettings,
+    EngineSettings,
     MMISettings,
-    RuntimeSettings,
     SamplingSettings,
 )
 
@@ -65,7 +65,7 @@ def _tolerant_stdin() -> None:
     mmi=MMISettings,
     conversation=ChatSettings,
     sampling=CHAT_SAMPLING,
-    runtime=RuntimeSettings,
+    runtime=EngineSettings,
     hide=("do_sample", "num_beams", "num_return_sequences"),
 )
 def chat(
@@ -76,7 +76,7 @@ def chat(
     conversation: ChatSettings = ChatSettings(),
     sampling: SamplingSettings = CHAT_SAMPLING,
     option: ExtraOption = None,
-    runtime: RuntimeSettings = RuntimeSettings(),
+    runtime: EngineSettings = EngineSettings(),
 ) -> None:
     """Chat with a model; with --reverse-model, replies are reranked by MMI.
 
@@ -116,9 +116,7 @@ def chat(
         budget = min(budget, c.max_history_tokens)
     check_opening(forward, start.opening, budget)
     if sampling.seed is not None:
-        import torch
-
-        torch.manual_seed(sampling.seed)
+        forward.reseed(sampling.seed)
 
     log = Transcript(c.transcript) if c.transcript is not None else None
     if log is not None:

@@ -17,14 +17,14 @@ from convcli.cli.options import ExtraOption, QuietOption, extra_options, setting
 from convcli.errors import UsageError
 from convcli.inference.settings import (
     BatchSettings,
+    EngineSettings,
     MMISettings,
-    RuntimeSettings,
     SamplingSettings,
 )
 
 
 @settings_options(
-    sampling=SamplingSettings, mmi=MMISettings, batch=BatchSettings, runtime=RuntimeSettings
+    sampling=SamplingSettings, mmi=MMISettings, batch=BatchSettings, runtime=EngineSettings
 )
 def generate(
     model: Annotated[
@@ -43,7 +43,7 @@ def generate(
         ),
     ] = False,
     batch: BatchSettings = BatchSettings(),
-    runtime: RuntimeSettings = RuntimeSettings(),
+    runtime: EngineSettings = EngineSettings(),
     quiet: QuietOption = False,
 ) -> None:
     """Generate the next turn of a conversation (with optional MMI reranking).
@@ -95,7 +95,7 @@ def _generate(
     mmi: MMISettings,
     json_output: bool,
     batch: BatchSettings,
-    runtime: RuntimeSettings,
+    runtime: EngineSettings,
     quiet: bool,
 ) -> None:
     from convcli.inference.loading import load_models
@@ -119,9 +119,7 @@ def _generate(
         return [{"responses": group} for group in result.per_context()]
 
     if sampling.seed is not None:
-        import torch
-
-        torch.manual_seed(sampling.seed)
+        forward.reseed(sampling.seed)
     if counts is None:
         (record,) = answer([list(turns or [])])
         if json_output:

@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from convcli.inference.settings import MMISettings, RuntimeSettings, default_threads
+from convcli.inference.settings import (
+    EngineSettings,
+    MMISettings,
+    RuntimeSettings,
+    default_threads,
+)
 
 if TYPE_CHECKING:
     from convcli.inference.mmi import MMIReranker
@@ -42,7 +47,10 @@ def load_models(
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     notes: list[str] = []
-    forward = ConversationModel.from_pretrained(model, device=runtime.device)
+    engine: dict[str, str] = {}
+    if isinstance(runtime, EngineSettings) and runtime.backend != "torch":
+        engine = {"backend": runtime.backend, "compute_type": runtime.compute_type or "int8"}
+    forward = ConversationModel.from_pretrained(model, device=runtime.device, **engine)
     notes.extend(forward.notes)
     if forward.meta.reverse:
         notes.append(f"{model} is marked as a reverse model; its replies will read backwards")
@@ -51,7 +59,7 @@ def load_models(
     # One tokenizer object when both folders hold the same tokenizer files: loaded and
     # fingerprinted once (see check_same_tokenizer).
     reverse = ConversationModel.from_pretrained(
-        mmi.reverse_model, device=runtime.device, share_tokenizer=forward
+        mmi.reverse_model, device=runtime.device, share_tokenizer=forward, **engine
     )
     notes.extend(reverse.notes)
     if not reverse.meta.reverse:

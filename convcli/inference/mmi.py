@@ -119,6 +119,13 @@ def score_candidates(
         rows.append(ids)
         types.append(tt)
         starts.append(len(cand) + 2)  # the first source token
+    if reverse.engine is not None:
+        # Log-probabilities of every token after the first: source tokens from `start`.
+        typed = reverse.meta.token_types
+        pairs = zip(rows, types, strict=True)
+        scored = reverse.engine.log_probs([(r, t if typed else None) for r, t in pairs])
+        return [sum(lp[start - 1 :]) / max(1, len(lp) - start + 1)
+                for lp, start in zip(scored, starts, strict=True)]  # fmt: skip
     width = max(map(len, rows))
     pad = reverse.tokenizer.pad_token_id
     device = reverse.device

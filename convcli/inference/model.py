@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convcli.errors import ConvcliError, UsageError, first_line
+from convcli.inference.settings import Backend
 from convcli.modelfolder import LoadedModel, ModelMeta, load_model_folder
 from convcli.tokenizer import ConversationTokenizer, layout, truncate_turns
 
@@ -30,7 +31,13 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
+    from convcli.inference.ct2_engine import CT2Engine
+
 DEFAULT_MAX_NEW_TOKENS = 64
+# What a folder's generation_config.json may set that the ctranslate2 backend applies
+# itself (transformers' generate applies the folder's defaults on the torch backend).
+ENGINE_DEFAULTS = ("do_sample", "top_k", "top_p", "temperature", "num_beams",
+                   "repetition_penalty", "no_repeat_ngram_size", "early_stopping")  # fmt: skip
 
 
 @dataclass
@@ -113,26 +120,36 @@ class ConversationModel:
     """A conversation model (forward or reverse) ready to generate.
 
     Build with `from_pretrained`; `.model` is the Hugging Face model, `.tokenizer` the
-    `ConversationTokenizer`, `.meta` the folder's `ModelMeta`.
+    `ConversationTokenizer`, `.meta` the folder's `ModelMeta`, `.config` the model's
+    config. With the ctranslate2 backend, `.engine` runs the model and `.model` is None.
     """
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: PreTrainedModel | None,
         tokenizer: ConversationTokenizer,
         meta: ModelMeta,
         path: str = "",
+        engine: CT2Engine | None = None,
+        config: Any = None,
     ) -> None:
+        if model is None and (engine is None or config is None):
+            raise ValueError(
+                "a ConversationModel without a torch model needs an engine and a config"
+            )
         self.model = model
+        self.config = config if config is not None else model.config  # type: ignore[union-attr]
         self.tokenizer = tokenizer
         self.meta = meta
         self.path = path
+        self.engine = engine
         self.notes: list[str] = []
-        # Batched calls (MMI candidates, several contexts) on CPU use oneDNN-packed
-        # weights, made on first use; batch-1 calls run the model's own layers.
-        from convcli.inference.packed import pack_batched_linears
+        if model is not None and engine is None:
+            # Batched calls (MMI candidates, several contexts) on CPU use oneDNN-packed
+            # weights, made on first use; batch-1 calls run the model's own layers.
+            from convcli.inference.packed import pack_batched_linears
 
-        pack_batched_linears(model)
+            pack_batched_linears(model)
 
     @classmethod
     def from_pretrained(
@@ -141,31 +158,63 @@ class ConversationModel:
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
         share_tokenizer: ConversationModel | None = None,
+        backend: Backend = "torch",
+        compute_type: str = "int8",
     ) -> ConversationModel:
         """Load a model folder written by `train` or `convert`, or a plain GPT-2 folder.
 
         `device=None` picks CUDA when present, else CPU. `share_tokenizer`: a model whose
         tokenizer this folder reuses when their tokenizer files are identical (MMI pairs).
+        `backend="ctranslate2"` decodes with CTranslate2 at `compute_type` (int8 by
+        default; see `convcli.inference.ct2_engine` for what differs from torch).
         """
+        from convcli.modelfolder import resolve_device
+
+        if backend not in ("torch", "ctranslate2"):
+            raise UsageError(f"`backend` must be torch or ctranslate2, got {backend!r}")
+        if backend == "ctranslate2" and dtype is not None:
+            raise UsageError("`dtype` is for the torch backend (ctranslate2: `compute_type`)")
         share = None
         if share_tokenizer is not None:
             share = (share_tokenizer.path, share_tokenizer.tokenizer)
         loaded: LoadedModel = load_model_folder(
-            path, device=device, dtype=dtype, share_tokenizer=share
+            path, device=device, dtype=dtype, share_tokenizer=share, weights=backend == "torch"
         )
-        model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path)
+        engine = None
+        if backend == "ctranslate2":
+            import torch
+
+            from convcli.inference.ct2_engine import CT2Engine
+
+            engine = CT2Engine(
+                Path(loaded.path), device=str(resolve_device(device)), compute_type=compute_type,
+                sep_token_id=loaded.meta.sep_token_id, threads=torch.get_num_threads(),
+                token_types=loaded.meta.token_types,
+            )  # fmt: skip
+        model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path, engine, loaded.config)
         model.notes = loaded.notes  # e.g. a run directory's final/ was used
         return model
+
+    def require_torch(self, what: str) -> PreTrainedModel:
+        """The torch model, or one line saying that `what` needs the torch backend."""
+        if self.model is None:
+            raise ConvcliError(f"{what} runs on the torch backend, not {self.path}'s engine")
+        return self.model
 
     # -- properties -------------------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        """Where the model runs."""
+        if self.engine is not None:
+            import torch
+
+            return torch.device(self.engine.device, self.engine.device_index)
+        return self.model.device  # type: ignore[union-attr]
 
     @property
     def n_positions(self) -> int:
-        config = self.model.config
+        config = self.config
         for name in ("n_positions", "max_position_embeddings", "n_ctx"):
             value = getattr(config, name, None)
             if isinstance(value, int) and value > 0:
@@ -220,7 +269,7 @@ class ConversationModel:
             ids_rows.append([pad] * gap + ids)
             mask_rows.append([0] * gap + [1] * len(ids))
             type_rows.append([0] * gap + types)
-        device = self.device
+        device = self.device if self.engine is None else "cpu"  # the engine takes lists
         tensors = {
             "input_ids": torch.tensor(ids_rows, dtype=torch.long, device=device),
             "attention_mask": torch.tensor(mask_rows, dtype=torch.long, device=device),
@@ -284,9 +333,43 @@ class ConversationModel:
             max_context_tokens=max_context_tokens,
             keep_first_turns=keep_first_turns,
         )
-        sequences = self.generate_ids(tensors, max_new, seed=seed, **hf_kwargs)
-        replies = self.response_ids(sequences, tensors["input_ids"].shape[1])
+        if self.engine is not None:
+            laid = (layout(turns, self.sep_token_id) for turns in turn_ids)
+            prompts = [(ids, types if self.meta.token_types else None) for ids, types, _ in laid]
+            stops = self._stop_ids(hf_kwargs.pop("eos_token_id", None))
+            options = {**self.generation_defaults(), **hf_kwargs}
+            if seed is not None:
+                self.reseed(seed, engine=bool(options.get("do_sample")))
+            try:
+                generated = self.engine.generate(prompts, max_new, stops, **options)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"generation options rejected: {first_line(exc)}") from exc
+            replies = [self.cut_reply(ids) for ids in generated]
+        else:
+            sequences = self.generate_ids(tensors, max_new, seed=seed, **hf_kwargs)
+            replies = self.response_ids(sequences, tensors["input_ids"].shape[1])
         return Sampled(turn_ids, tensors, max_new, replies)
+
+    def reseed(self, seed: int, *, engine: bool = True) -> None:
+        """Seed what draws from here on: torch's RNG (sampling, MMI's choice) and the
+        engine's, when there is one (`engine=False`: a call that does not sample)."""
+        import torch
+
+        torch.manual_seed(seed)
+        if self.engine is not None and engine:
+            self.engine.reseed(seed)
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The decoding options the folder's generation_config.json sets (read once)."""
+        if not hasattr(self, "_generation_defaults"):
+            from transformers import GenerationConfig
+
+            try:
+                config = GenerationConfig.from_pretrained(self.path).to_diff_dict()
+            except (OSError, ValueError):
+                config = {}
+            self._generation_defaults = {k: config[k] for k in ENGINE_DEFAULTS if k in config}
+        return dict(self._generation_defaults)
 
     def prepare(
         self,
@@ -325,12 +408,7 @@ class ConversationModel:
         min_new = hf_kwargs.get("min_new_tokens")
         if min_new is not None:
             hf_kwargs["min_new_tokens"] = min(int(min_new), max_new_tokens)
-        eos = hf_kwargs.pop("eos_token_id", None)
-        stops = [self.sep_token_id]
-        if eos is not None:
-            stops += [
-                e for e in (eos if isinstance(eos, list | tuple) else [eos]) if e not in stops
-            ]
+        stops = self._stop_ids(hf_kwargs.pop("eos_token_id", None))
         hf_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         try:
             with torch.inference_mode():
@@ -345,6 +423,12 @@ class ConversationModel:
         except (ValueError, TypeError) as exc:
             # transformers rejects bad option combinations with ValueError/TypeError.
             raise UsageError(f"generation options rejected: {first_line(exc)}") from exc
+
+    def _stop_ids(self, eos: int | Sequence[int] | None) -> list[int]:
+        """The sep token and any `eos_token_id` the caller adds."""
+        stops = [self.sep_token_id]
+        extra = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+        return stops + [e for e in extra if e not in stops]
 
     def _shared_prefill(
         self, tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any], max_new_tokens: int
@@ -382,15 +466,15 @@ class ConversationModel:
 
     def response_ids(self, sequences: torch.Tensor, prompt_width: int) -> list[list[int]]:
         """The generated ids of each sequence, cut at the first sep (or eos/pad)."""
+        return [self.cut_reply(row) for row in sequences[:, prompt_width:].tolist()]
+
+    def cut_reply(self, ids: Sequence[int]) -> list[int]:
+        """Generated ids up to the first sep, pad or eos (both backends cut alike)."""
         stops = {self.sep_token_id, self.tokenizer.pad_token_id}
         eos = self.tokenizer.tokenizer.eos_token_id
         if eos is not None:
             stops.add(eos)
-        out = []
-        for row in sequences[:, prompt_width:].tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), len(row))
-            out.append(row[:end])
-        return out
+        return list(ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))])
 
 
 def _shares_context(tensors: dict[str, torch.Tensor], hf_kwargs: dict[str, Any]) -> bool:

@@ -208,6 +208,8 @@ def generate_rows(
     """
     import torch
 
+    model.require_torch("serving rows")
+
     results = [RowResult() for _ in requests]
     contexts: list[list[list[int]]] = []
     context_of: dict[int, int] = {}

@@ -134,6 +134,29 @@ class RuntimeSettings:
             raise UsageError(f"`threads` must be at least 1, got {self.threads}", param="threads")
 
 
+Backend = Literal["torch", "ctranslate2"]
+ComputeType = Literal["int8", "int8_float32", "float32", "int8_float16", "int8_bfloat16",
+                      "float16", "bfloat16"]  # fmt: skip
+
+
+@dataclass
+class EngineSettings(RuntimeSettings):
+    """Where and how hard the model runs, and which engine decodes (generate and chat)."""
+
+    backend: Backend = "torch"
+    """Decode with torch (float32, the default) or CTranslate2 (int8 on CPU, several times
+    faster per token; needs the ctranslate2 package)."""
+    compute_type: ComputeType | None = None
+    """CTranslate2's weights and arithmetic (default int8)."""
+
+    def __post_init__(self) -> None:
+        from convcli.errors import UsageError
+
+        super().__post_init__()
+        if self.compute_type is not None and self.backend != "ctranslate2":
+            raise UsageError("`compute_type` is for `backend` ctranslate2", param="compute_type")
+
+
 @dataclass
 class ChatSettings:
     """A chat's conversation: its opening, memory and record."""
