@@ -5,8 +5,9 @@
 The steps: read the file with `weights_only=True` (memory-mapped when it is a zip),
 rename its keys to Hugging Face's GPT-2 names, infer the size from the tensors, compute
 reference logits with a GPT-2 built around those very tensors (no copy, no random
-init), then write the folder atomically, casting each tensor on its way into the file,
-and, before moving it into place, load it with plain transformers and compare logits.
+init; in a thread, while the main one writes the folder atomically, casting each
+tensor on its way into the file) and, before moving the folder into place, load it
+with plain transformers and compare logits.
 
 Memory: about one copy of the weights. The reference runs in float32 one block at a
 time; each tensor is cast through a small buffer into the file and then released;
@@ -16,8 +17,10 @@ verification maps the written file instead of reading it into memory.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -203,12 +206,10 @@ def _convert(
     n_params = sum(t.numel() for t in state.values())
 
     inputs: list[torch.Tensor] = []
-    reference: list[torch.Tensor] = []
-    if verify:  # from the original values, before any cast, in float32 arithmetic
+    if verify:
         from convcli.conversion.verify import sample_inputs
 
         inputs = sample_inputs(tok, shape.vocab_size, shape.n_positions)
-        reference = _reference_logits(config, state, inputs)
 
     recorded_types = recorded_meta.get("token_types", hparam(ckpt.hparams, "token_types"))
     token_types = bool(recorded_types) if ckpt.kind == "lightning" else False
@@ -246,22 +247,32 @@ def _convert(
             tmp, state, target, config, tok, meta, extra_files=extra_files, written=tensor_written
         )
         report_progress("save", 1, 1)
-        if verify:
+        if reference is not None:
             from convcli.conversion.verify import verify_folder
 
             steps = iter(range(1, len(inputs) + 2))
             max_diff = verify_folder(
                 tmp,
                 inputs,
-                reference,
+                reference.result(),
                 dtype,
                 step=lambda: report_progress("verify", next(steps), len(inputs) + 1),
             )
             meta.extra["verified_max_logit_diff"] = max_diff
             (tmp / META_FILE).write_text(meta.to_json() + "\n", encoding="utf-8")
 
-    with quiet_weight_bars():
-        written = write_atomically(output, write, overwrite=overwrite, command="convert")
+    # The reference logits come from the original values (before any cast, float32
+    # arithmetic), computed in a thread while the main one writes the folder: one is
+    # arithmetic, the other memory and disk. The thread gets its own dict and config, as
+    # writing empties `state` and fills in `config`.
+    with ThreadPoolExecutor(1, thread_name_prefix="convcli-reference") as pool:
+        reference = (
+            pool.submit(_reference_logits, copy.deepcopy(config), dict(state), inputs)
+            if verify
+            else None
+        )
+        with quiet_weight_bars():
+            written = write_atomically(output, write, overwrite=overwrite, command="convert")
     return ConversionReport(
         path=written,
         source=str(path),
