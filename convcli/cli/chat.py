@@ -107,7 +107,7 @@ def chat(
     for note in start.notes:
         info(note)
     options = {**sampling.generate_kwargs(), **extra_options(option)}
-    forward, reranker, notes = load_models(model, mmi, runtime)
+    forward, reranker, notes = load_models(model, mmi, runtime, report=info)
     for note in notes:
         info(f"warning: {note}")
     # The opening turns must leave room for a message in the context budget.

@@ -105,7 +105,7 @@ def _generate(
     if input is not None:
         # Read (and, by default, validate) every line before the model loads.
         counts, items = _read_input(input, strict=batch.on_error == "strict")
-    forward, reranker, notes = load_models(model, mmi, runtime)
+    forward, reranker, notes = load_models(model, mmi, runtime, report=None if quiet else info)
     for note in notes:
         info(f"warning: {note}")
 

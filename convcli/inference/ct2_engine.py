@@ -43,7 +43,7 @@ import shutil
 import tempfile
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,9 +163,11 @@ def convert(
 
 
 def converted_folder(
-    folder: Path, compute_type: str, sep_token_id: int, response_type: int | None = None
-) -> Path:
-    """The cached conversion of `folder` (made now when missing).
+    folder: Path, compute_type: str, sep_token_id: int, response_type: int | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Path:  # fmt: skip
+    """The cached conversion of `folder` (made now when missing; `report` hears of it
+    first, as it takes seconds).
 
     The conversion is written to a temp folder beside its final name and renamed into
     place, so a crash leaves no half-written model, and of two processes converting at
@@ -179,6 +181,8 @@ def converted_folder(
     target = root / cache_key(ident)
     if (target / "model.bin").is_file():
         return target
+    if report is not None:
+        report(f"converting {folder} for the ctranslate2 backend ({compute_type}), once: {target}")
     with named_os_errors(root):
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
@@ -289,7 +293,7 @@ class CT2Engine:
 
     def __init__(
         self, folder: Path, *, device: str, compute_type: str, sep_token_id: int,
-        threads: int, token_types: bool,
+        threads: int, token_types: bool, report: Callable[[str], None] | None = None,
     ) -> None:  # fmt: skip
         ct2 = require_ctranslate2()
         if not folder.is_dir():
@@ -305,6 +309,7 @@ class CT2Engine:
             )
         self.folder, self.compute_type, self.threads = folder, compute_type, threads
         self.sep_token_id, self.token_types = sep_token_id, token_types
+        self.report = report
         self.vocab_size = 0
         self._generators: dict[int | None, Any] = {}
         self._paths: dict[int | None, Path] = {}  # reloads (reseed) keep what was loaded
@@ -316,7 +321,7 @@ class CT2Engine:
         if response_type not in self._generators:
             ct2 = require_ctranslate2()
             path = self._paths.get(response_type) or converted_folder(
-                self.folder, self.compute_type, self.sep_token_id, response_type
+                self.folder, self.compute_type, self.sep_token_id, response_type, self.report
             )
             self._paths[response_type] = path
             try:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from convcli.inference.settings import (
     EngineSettings,
@@ -30,9 +31,11 @@ def load_models(
     model: str | Path,
     mmi: MMISettings | None = None,
     runtime: RuntimeSettings | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[ConversationModel, MMIReranker | None, list[str]]:
     """The forward model, the MMI reranker when `mmi.reverse_model` is set, and warnings
-    for the user (a model marked the wrong way round)."""
+    for the user (a model marked the wrong way round). `report(message)` hears of slow
+    steps as they start (a conversion for the ctranslate2 backend)."""
     from transformers.utils import logging as hf_logging
 
     from convcli.inference.mmi import MMIReranker
@@ -47,9 +50,10 @@ def load_models(
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     notes: list[str] = []
-    engine: dict[str, str] = {}
+    engine: dict[str, Any] = {}
     if isinstance(runtime, EngineSettings) and runtime.backend != "torch":
-        engine = {"backend": runtime.backend, "compute_type": runtime.compute_type or "int8"}
+        engine = {"backend": runtime.backend, "compute_type": runtime.compute_type or "int8",
+                  "report": report}  # fmt: skip
     forward = ConversationModel.from_pretrained(model, device=runtime.device, **engine)
     notes.extend(forward.notes)
     if forward.meta.reverse:

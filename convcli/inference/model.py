@@ -17,7 +17,7 @@ option passes through. What this adds around `transformers`:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,13 +160,15 @@ class ConversationModel:
         share_tokenizer: ConversationModel | None = None,
         backend: Backend = "torch",
         compute_type: str = "int8",
+        report: Callable[[str], None] | None = None,
     ) -> ConversationModel:
         """Load a model folder written by `train` or `convert`, or a plain GPT-2 folder.
 
         `device=None` picks CUDA when present, else CPU. `share_tokenizer`: a model whose
         tokenizer this folder reuses when their tokenizer files are identical (MMI pairs).
         `backend="ctranslate2"` decodes with CTranslate2 at `compute_type` (int8 by
-        default; see `convcli.inference.ct2_engine` for what differs from torch).
+        default; see `convcli.inference.ct2_engine` for what differs from torch);
+        `report(message)` hears when the folder is converted for it (seconds, once).
         """
         from convcli.modelfolder import resolve_device
 
@@ -189,7 +191,7 @@ class ConversationModel:
             engine = CT2Engine(
                 Path(loaded.path), device=str(resolve_device(device)), compute_type=compute_type,
                 sep_token_id=loaded.meta.sep_token_id, threads=torch.get_num_threads(),
-                token_types=loaded.meta.token_types,
+                token_types=loaded.meta.token_types, report=report,
             )  # fmt: skip
         model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path, engine, loaded.config)
         model.notes = loaded.notes  # e.g. a run directory's final/ was used
