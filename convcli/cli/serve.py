@@ -12,8 +12,8 @@ from convcli.cli.options import settings_options
 from convcli.errors import ConvcliError
 from convcli.inference.settings import (
     CHAT_SAMPLING,
+    EngineSettings,
     MMISettings,
-    RuntimeSettings,
     SamplingSettings,
 )
 from convcli.serving.settings import ServeSettings
@@ -26,7 +26,7 @@ INSTALL_HINT = "convcli serve needs FastAPI and uvicorn: pip install 'convcli[se
     serve=ServeSettings,
     mmi=MMISettings,
     sampling=CHAT_SAMPLING,
-    runtime=RuntimeSettings,
+    runtime=EngineSettings,
     hide=("do_sample", "num_beams", "num_return_sequences", "min_new_tokens",
           "repetition_penalty", "no_repeat_ngram_size", "seed"),
 )  # fmt: skip
@@ -37,7 +37,7 @@ def serve(
     serve: ServeSettings = ServeSettings(),
     mmi: MMISettings = MMISettings(),
     sampling: SamplingSettings = CHAT_SAMPLING,
-    runtime: RuntimeSettings = RuntimeSettings(),
+    runtime: EngineSettings = EngineSettings(),
 ) -> None:
     """Serve a model over an OpenAI-compatible API, with a chat page at /.
 

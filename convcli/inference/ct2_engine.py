@@ -369,13 +369,16 @@ class CT2Engine:
         prompts: Sequence[Row],
         max_new_tokens: int,
         stops: Sequence[int],
+        on_token: Callable[[int, int], bool] | None = None,
         **hf_kwargs: Any,
     ) -> list[list[int]]:
         """The generated ids of every hypothesis of every prompt, prompt-major, with the
         stop token that ended them (`reseed` first for reproducible samples).
 
         With token types, prompts are grouped by the type their reply takes (their last
-        token's) and each group runs on its own table; the order is kept.
+        token's) and each group runs on its own table; the order is kept. `on_token(prompt
+        index, token id)` hears each token as it comes (one hypothesis per prompt, no
+        beams); it returns True to end that prompt's decoding there.
         """
         options = ct2_options(hf_kwargs, max_new_tokens)
         k = options.get("num_hypotheses", 1)
@@ -389,6 +392,10 @@ class CT2Engine:
             groups.setdefault(key, []).append(i)
         per_prompt: dict[int, list[list[int]]] = {}
         for key, members in groups.items():
+            if on_token is not None:
+                options["callback"] = lambda step, of=members: bool(
+                    on_token(of[step.batch_id], step.token_id)
+                )
             results = self.generator(key).generate_batch(
                 [self.tokens(prompts[i], key) for i in members],
                 end_token=[int(s) for s in stops], **options,

@@ -208,8 +208,6 @@ def generate_rows(
     """
     import torch
 
-    model.require_torch("serving rows")
-
     results = [RowResult() for _ in requests]
     contexts: list[list[list[int]]] = []
     context_of: dict[int, int] = {}
@@ -238,7 +236,8 @@ def generate_rows(
         for c in range(req.n * per_choice):
             rows.append(_Row(r, c, len(contexts) - 1, max_new, _Text(text_of, req.stop)))
     if rows:
-        _decode(model, requests, contexts, rows, generators)
+        decode_rows = _decode if model.engine is None else _decode_engine
+        decode_rows(model, requests, contexts, rows, generators)
     for r, req in enumerate(requests):
         if results[r].error is None:
             turn_ids = contexts[context_of[r]]
@@ -320,6 +319,67 @@ def _decode(
             )  # fmt: skip
             cache, logits = out.cache, out.logits[:, -1]
             next_pos = next_pos + 1
+
+
+def _decode_engine(
+    model: ConversationModel,
+    requests: Sequence[RowRequest],
+    contexts: list[list[list[int]]],
+    rows: list[_Row],
+    generators: dict[int, torch.Generator],
+) -> None:
+    """The rows through the CTranslate2 engine: one request after another, as each brings
+    its own sampling options and seed (CTranslate2 takes one set per call and seeds by
+    reloading), and each row its own batch item so that it ends on its own (its sep, a
+    stop string, its cap, a cancel), heard token by token as in `_decode`."""
+    from convcli.tokenizer import layout
+
+    assert model.engine is not None
+    stops = {model.sep_token_id, model.tokenizer.pad_token_id}
+    eos = model.tokenizer.tokenizer.eos_token_id
+    if eos is not None:
+        stops.add(eos)
+    by_request: dict[int, list[_Row]] = {}
+    for row in rows:
+        by_request.setdefault(row.request, []).append(row)
+    for r, mine in by_request.items():
+        req = requests[r]
+        ids, types, _ = layout(contexts[mine[0].context], model.sep_token_id)
+        prompt = (ids, types if model.meta.token_types else None)
+        options: dict[str, object] = {"do_sample": False}
+        if req.mmi is not None or (req.do_sample and req.temperature > 0):
+            temperature = req.temperature if req.temperature > 0 else 1.0
+            options = {"do_sample": True, "top_k": req.top_k, "top_p": req.top_p,
+                       "temperature": temperature}  # fmt: skip
+            if req.seed is not None:  # (a reload: unseeded requests draw on as they are)
+                model.engine.reseed(req.seed)
+
+        def on_token(b: int, token: int, mine: list[_Row] = mine, req: RowRequest = req) -> bool:
+            row = mine[b]
+            if row.finish is not None:
+                return True
+            if req.cancelled is not None and req.cancelled.is_set():
+                row.finish = "cancelled"
+            elif token in stops:
+                row.finish = "stop"
+            else:
+                row.text.add(token)
+                if row.text.stopped:
+                    row.finish = "stop"
+                elif len(row.text.ids) >= row.max_new:
+                    row.finish = "length"
+                if req.on_text is not None and req.mmi is None and row.finish is None:
+                    delta = row.text.delta()
+                    if delta:
+                        req.on_text(row.choice, delta)
+            return row.finish is not None
+
+        model.engine.generate(
+            [prompt] * len(mine), mine[0].max_new, sorted(stops), on_token=on_token, **options
+        )
+        for row in mine:  # ended by its stop token before the callback saw it, or the cap
+            if row.finish is None:
+                row.finish = "length" if len(row.text.ids) >= row.max_new else "stop"
 
 
 def _pick(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from convcli.inference.settings import MMISettings, RuntimeSettings, SamplingSettings
+from convcli.inference.settings import EngineSettings, MMISettings, SamplingSettings
 from convcli.serving.app import create_app
 from convcli.serving.settings import ServeSettings
 
@@ -28,7 +28,7 @@ def app_from_settings(
     serve: ServeSettings,
     sampling: SamplingSettings,
     mmi: MMISettings,
-    runtime: RuntimeSettings,
+    runtime: EngineSettings,
     *,
     on_load_error: Callable[[str], None] | None = None,
     on_loaded: Callable[[str], None] | None = None,
@@ -39,7 +39,7 @@ def app_from_settings(
     name = serve.model_name or Path(model).resolve().name
 
     def load() -> tuple[ConversationModel, MMIReranker | None]:
-        forward, reranker, notes = load_models(model, mmi, runtime)
+        forward, reranker, notes = load_models(model, mmi, runtime, report=on_loaded)
         for note in notes:
             if on_loaded is not None:
                 on_loaded(f"warning: {note}")
@@ -65,5 +65,5 @@ def from_environment() -> FastAPI:
         build(ServeSettings, spec["serve"]),
         build(SamplingSettings, spec["sampling"]),
         build(MMISettings, spec["mmi"]),
-        build(RuntimeSettings, spec["runtime"]),
+        build(EngineSettings, spec["runtime"]),
     )

@@ -20,12 +20,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(model: Path, reverse: Path | None = None, **serve: object) -> Iterator[str]:
-    """Serve `model` in this process (a uvicorn thread); yields the base URL once healthy."""
+def running(
+    model: Path, reverse: Path | None = None, runtime: object = None, **serve: object
+) -> Iterator[str]:
+    """Serve `model` in this process (a uvicorn thread); yields the base URL once healthy.
+    `runtime`: an `EngineSettings` (default: torch on one CPU thread)."""
     import httpx
     import uvicorn
 
-    from convcli.inference.settings import CHAT_SAMPLING, MMISettings, RuntimeSettings
+    from convcli.inference.settings import CHAT_SAMPLING, EngineSettings, MMISettings
     from convcli.serving.launch import app_from_settings
     from convcli.serving.settings import ServeSettings
 
@@ -33,7 +36,7 @@ def running(model: Path, reverse: Path | None = None, **serve: object) -> Iterat
     settings = ServeSettings(port=port, model_name="tiny", **serve)  # type: ignore[arg-type]
     app = app_from_settings(
         str(model), settings, CHAT_SAMPLING, MMISettings(reverse_model=reverse),
-        RuntimeSettings(device="cpu", threads=1),
+        runtime or EngineSettings(device="cpu", threads=1),
     )  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
