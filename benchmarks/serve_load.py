@@ -12,8 +12,12 @@ reply early; the completion tokens are printed to show it). In one run:
   `convcli generate`'s path in this process (`load_models` + `MMIReranker.respond`, same
   sampling: top-k 50, 32 tokens); ratio (target <= 1.1x).
 
-Prints medians of `--repeats` interleaved rounds.
+Prints medians of `--repeats` interleaved rounds. `--backend ctranslate2` serves (and runs
+the generate path) through CTranslate2 in int8: there, requests without a seed that share
+their options are decoded in one engine call, and a seeded one gets a call of its own
+(`--no-seed` sends the 8 requests without seeds).
 Usage: python benchmarks/serve_load.py [--threads N] [--repeats 3] [--layers 12]
+[--backend torch|ctranslate2] [--no-seed]
 (on a busy machine keep threads at or below the free cores: oversubscribed OpenMP
 threads spin and slow both sides unevenly)
 """
@@ -72,13 +76,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SEEDED = True
+
+
 def body(i: int, **extra: object) -> dict[str, object]:
     roles = ("user", "assistant")
     turns = CONTEXTS[i % len(CONTEXTS)]
     messages = [{"role": roles[j % 2], "content": t} for j, t in enumerate(turns[::-1])][::-1]
     return {"model": "bench", "messages": messages, "max_tokens": NEW_TOKENS,
-            "temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": i, "mmi": False,
-            **extra}  # fmt: skip
+            "temperature": 1.0, "top_k": 50, "top_p": 1.0, "mmi": False,
+            **({"seed": i} if SEEDED else {}), **extra}  # fmt: skip
 
 
 def post(url: str, payload: dict[str, object]) -> tuple[float, int | None]:
@@ -108,12 +115,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="default: convcli's")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--backend", choices=("torch", "ctranslate2"), default="torch")
+    parser.add_argument("--no-seed", action="store_true", help="requests without seeds")
     args = parser.parse_args()
+    global SEEDED
+    SEEDED = not args.no_seed
 
     import httpx
 
     from convcli.inference.loading import load_models
-    from convcli.inference.settings import MMISettings, RuntimeSettings, default_threads
+    from convcli.inference.settings import EngineSettings, MMISettings, default_threads
 
     threads = args.threads or default_threads()  # both sides get the same
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
@@ -121,10 +132,12 @@ def main() -> None:
     log(f"models written to {tmp}; starting the server")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    os.environ["CONVCLI_CACHE"] = str(tmp / "cache")  # conversions stay in the temp folder
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     server = subprocess.Popen(
         [sys.executable, "-m", "convcli", "serve", str(forward), "--reverse-model", str(reverse),
-         "--model-name", "bench", "--port", str(port), "--threads", str(threads)],
+         "--model-name", "bench", "--port", str(port), "--threads", str(threads),
+         "--backend", args.backend],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -139,7 +152,8 @@ def main() -> None:
             time.sleep(0.2)
         log("server up; loading the generate path's models here")
         mmi = MMISettings(reverse_model=reverse, num_candidates=8)
-        _, reranker, _ = load_models(forward, mmi, RuntimeSettings("cpu", threads))
+        runtime = EngineSettings("cpu", threads, backend=args.backend)
+        _, reranker, _ = load_models(forward, mmi, runtime)
         assert reranker is not None
         post(url, body(0))  # warm up both sides
         reranker.respond(CONTEXTS[0], max_new_tokens=NEW_TOKENS, seed=0)
@@ -176,6 +190,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in totals.items()}
     load = os.getloadavg()[0]
     print(f"serve_load: GPT-2 small shape ({args.layers} layers), {NEW_TOKENS} new tokens, "
+          f"--backend {args.backend}, requests {'seeded' if SEEDED else 'without seeds'}, "
           f"--threads {threads}, {args.repeats} rounds, load avg {load:.1f}")  # fmt: skip
     print(f"completion tokens per request: min {min(tokens)}, max {max(tokens)}")
     for name in ("sequential", "concurrent"):

@@ -328,10 +328,14 @@ def _decode_engine(
     rows: list[_Row],
     generators: dict[int, torch.Generator],
 ) -> None:
-    """The rows through the CTranslate2 engine: one request after another, as each brings
-    its own sampling options and seed (CTranslate2 takes one set per call and seeds by
-    reloading), and each row its own batch item so that it ends on its own (its sep, a
-    stop string, its cap, a cancel), heard token by token as in `_decode`."""
+    """The rows through the CTranslate2 engine, heard token by token as in `_decode`.
+
+    CTranslate2 takes one set of sampling options per call and seeds by reloading, so
+    unseeded rows that share their options (and length cap) go in one call, and a seeded
+    request gets a call of its own after a reseed (the same reply whatever else runs).
+    Each row is its own batch item, so it ends on its own: its sep, a stop string, its
+    cap, or its request's cancel.
+    """
     from convcli.tokenizer import layout
 
     assert model.engine is not None
@@ -339,23 +343,32 @@ def _decode_engine(
     eos = model.tokenizer.tokenizer.eos_token_id
     if eos is not None:
         stops.add(eos)
-    by_request: dict[int, list[_Row]] = {}
+    calls: dict[tuple[tuple[object, ...], int, int | None], list[_Row]] = {}
     for row in rows:
-        by_request.setdefault(row.request, []).append(row)
-    for r, mine in by_request.items():
-        req = requests[r]
-        ids, types, _ = layout(contexts[mine[0].context], model.sep_token_id)
-        prompt = (ids, types if model.meta.token_types else None)
-        options: dict[str, object] = {"do_sample": False}
+        req = requests[row.request]
+        options: tuple[object, ...] = (False,)
         if req.mmi is not None or (req.do_sample and req.temperature > 0):
-            temperature = req.temperature if req.temperature > 0 else 1.0
-            options = {"do_sample": True, "top_k": req.top_k, "top_p": req.top_p,
-                       "temperature": temperature}  # fmt: skip
-            if req.seed is not None:  # (a reload: unseeded requests draw on as they are)
-                model.engine.reseed(req.seed)
+            options = (True, req.top_k, req.top_p, req.temperature if req.temperature > 0 else 1.0)
+        seeded = row.request if options[0] and req.seed is not None else None
+        calls.setdefault((options, row.max_new, seeded), []).append(row)
+    prompts: dict[int, tuple[list[int], list[int] | None]] = {}
+    for (options, max_new, seeded), members in calls.items():
+        for row in members:
+            if row.context not in prompts:
+                ids, types, _ = layout(contexts[row.context], model.sep_token_id)
+                prompts[row.context] = (ids, types if model.meta.token_types else None)
+        seed = requests[seeded].seed if seeded is not None else None
+        if seed is not None:
+            model.engine.reseed(seed)
+        sampling: dict[str, object] = {"do_sample": False}
+        if options[0]:
+            _, top_k, top_p, temperature = options
+            sampling = {"do_sample": True, "top_k": top_k, "top_p": top_p,
+                        "temperature": temperature}  # fmt: skip
 
-        def on_token(b: int, token: int, mine: list[_Row] = mine, req: RowRequest = req) -> bool:
-            row = mine[b]
+        def on_token(b: int, token: int, members: list[_Row] = members) -> bool:
+            row = members[b]
+            req = requests[row.request]
             if row.finish is not None:
                 return True
             if req.cancelled is not None and req.cancelled.is_set():
@@ -375,9 +388,10 @@ def _decode_engine(
             return row.finish is not None
 
         model.engine.generate(
-            [prompt] * len(mine), mine[0].max_new, sorted(stops), on_token=on_token, **options
-        )
-        for row in mine:  # ended by its stop token before the callback saw it, or the cap
+            [prompts[row.context] for row in members], max_new, sorted(stops),
+            on_token=on_token, **sampling,
+        )  # fmt: skip
+        for row in members:  # ended by its stop token before the callback saw it, or the cap
             if row.finish is None:
                 row.finish = "length" if len(row.text.ids) >= row.max_new else "stop"
 
