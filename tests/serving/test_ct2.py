@@ -106,3 +106,29 @@ def test_a_cancelled_request_stops_at_its_first_token(trained, tmp_path, monkeyp
     assert [c.finish_reason for c in cancelled.choices] == ["cancelled", "cancelled"]
     assert cancelled.completion_tokens == 0
     assert answered.choices[0].text == "Hi, how are you?"
+
+
+def test_unseeded_requests_share_an_engine_call_and_seeded_ones_get_their_own(
+    trained, tmp_path, monkeypatch
+) -> None:
+    from convcli.inference.model import ConversationModel
+    from convcli.inference.rows import RowRequest, generate_rows
+
+    monkeypatch.setenv("CONVCLI_CACHE", str(tmp_path))
+    model = ConversationModel.from_pretrained(trained[0], device="cpu", backend="ctranslate2")
+    calls = []
+    real = model.engine.generate
+
+    def counted(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(model.engine, "generate", counted)
+    turns = [["Hello"], ["Do you like tea?"], ["Good morning"]]
+    requests = [RowRequest(turns=t, max_new_tokens=6, n=2) for t in turns]
+    requests.append(RowRequest(turns=["Hello"], max_new_tokens=6, seed=3))
+    results = generate_rows(model, requests)
+    assert calls == [6, 1]  # three unseeded requests' six rows together; the seeded alone
+    assert [len(r.choices) for r in results] == [2, 2, 2, 1]
+    again = generate_rows(model, requests[-1:])
+    assert again[0].choices[0].text == results[-1].choices[0].text  # the seed holds
