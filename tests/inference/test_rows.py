@@ -154,3 +154,43 @@ def test_top_k_and_top_p_narrow_the_draw(pair):
     texts = [r.choices[0].text for r in results]
     assert texts[:6] == ["Hi, how are you?"] * 6  # only the likeliest token can be drawn
     assert len(set(texts[6:])) > 1
+
+
+def test_ct2_a_cancelled_request_stops_at_its_first_token(trained, tmp_path, monkeypatch) -> None:
+    """On the ctranslate2 backend, a client that went away: its rows end at the next
+    token the engine hands over."""
+    pytest.importorskip("ctranslate2", reason="the ctranslate2 backend is an optional extra")
+    monkeypatch.setenv("CONVCLI_CACHE", str(tmp_path))
+    model = ConversationModel.from_pretrained(trained[0], device="cpu", backend="ctranslate2")
+    gone = threading.Event()
+    gone.set()
+    requests = [RowRequest(turns=["Hello"], n=2, max_new_tokens=20, cancelled=gone),
+                RowRequest(turns=["Hello"], do_sample=False, max_new_tokens=20)]  # fmt: skip
+    cancelled, answered = generate_rows(model, requests)
+    assert [c.finish_reason for c in cancelled.choices] == ["cancelled", "cancelled"]
+    assert cancelled.completion_tokens == 0
+    assert answered.choices[0].text == "Hi, how are you?"
+
+
+def test_ct2_unseeded_requests_share_an_engine_call_and_seeded_ones_get_their_own(
+    trained, tmp_path, monkeypatch
+) -> None:
+    pytest.importorskip("ctranslate2", reason="the ctranslate2 backend is an optional extra")
+    monkeypatch.setenv("CONVCLI_CACHE", str(tmp_path))
+    model = ConversationModel.from_pretrained(trained[0], device="cpu", backend="ctranslate2")
+    calls = []
+    real = model.engine.generate
+
+    def counted(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(model.engine, "generate", counted)
+    turns = [["Hello"], ["Do you like tea?"], ["Good morning"]]
+    requests = [RowRequest(turns=t, max_new_tokens=6, n=2) for t in turns]
+    requests.append(RowRequest(turns=["Hello"], max_new_tokens=6, seed=3))
+    results = generate_rows(model, requests)
+    assert calls == [6, 1]  # three unseeded requests' six rows together; the seeded alone
+    assert [len(r.choices) for r in results] == [2, 2, 2, 1]
+    again = generate_rows(model, requests[-1:])
+    assert again[0].choices[0].text == results[-1].choices[0].text  # the seed holds
