@@ -470,12 +470,17 @@ class ConversationModel:
         """The generated ids of each sequence, cut at the first sep (or eos/pad)."""
         return [self.cut_reply(row) for row in sequences[:, prompt_width:].tolist()]
 
-    def cut_reply(self, ids: Sequence[int]) -> list[int]:
-        """Generated ids up to the first sep, pad or eos (both backends cut alike)."""
+    def reply_stop_ids(self) -> set[int]:
+        """The ids that end a reply: sep, pad and the tokenizer's eos."""
         stops = {self.sep_token_id, self.tokenizer.pad_token_id}
         eos = self.tokenizer.tokenizer.eos_token_id
         if eos is not None:
             stops.add(eos)
+        return stops
+
+    def cut_reply(self, ids: Sequence[int]) -> list[int]:
+        """Generated ids up to the first sep, pad or eos (both backends cut alike)."""
+        stops = self.reply_stop_ids()
         return list(ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))])
 
 

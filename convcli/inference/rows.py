@@ -258,10 +258,7 @@ def _decode(
     tensors = model.batch_tensors(contexts)
     mask = tensors["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    stops = {model.sep_token_id, model.tokenizer.pad_token_id}
-    eos = model.tokenizer.tokenizer.eos_token_id
-    if eos is not None:
-        stops.add(eos)
+    stops = model.reply_stop_ids()
     device = model.device
     with torch.inference_mode():
         out = model.model(**tensors, position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -275,31 +272,12 @@ def _decode(
         types = tensors.get("token_type_ids")
         next_type = types[index, -1:] if types is not None else None
         live = list(range(len(rows)))  # rows[live[i]] is batch row i
-        step = 0
         while live:
             tokens = _pick(logits, [rows[i] for i in live], requests, generators).tolist()
-            step += 1
-            keep = []
-            for b, (i, token) in enumerate(zip(live, tokens, strict=True)):
-                row = rows[i]
-                req = requests[row.request]
-                if req.cancelled is not None and req.cancelled.is_set():
-                    row.finish = "cancelled"
-                    continue
-                if token in stops:
-                    row.finish = "stop"
-                else:
-                    row.text.add(token)
-                    if row.text.stopped:
-                        row.finish = "stop"
-                    elif step >= row.max_new:
-                        row.finish = "length"
-                if req.on_text is not None and req.mmi is None:
-                    delta = row.text.delta() if row.finish is None else ""
-                    if delta:
-                        req.on_text(row.choice, delta)
-                if row.finish is None:
-                    keep.append(b)
+            keep = [
+                b for b, (i, token) in enumerate(zip(live, tokens, strict=True))
+                if not _take(rows[i], requests[rows[i].request], token, stops)
+            ]  # fmt: skip
             if not keep:
                 break
             if len(keep) < len(live):
@@ -321,6 +299,27 @@ def _decode(
             next_pos = next_pos + 1
 
 
+def _take(row: _Row, req: RowRequest, token: int, stops: set[int]) -> bool:
+    """Give a row its next token (streaming what became final); True once the row has
+    ended: its request cancelled, its stop token or a stop string, its length cap."""
+    if req.cancelled is not None and req.cancelled.is_set():
+        row.finish = "cancelled"
+        return True
+    if token in stops:
+        row.finish = "stop"
+    else:
+        row.text.add(token)
+        if row.text.stopped:
+            row.finish = "stop"
+        elif len(row.text.ids) >= row.max_new:
+            row.finish = "length"
+    if req.on_text is not None and req.mmi is None and row.finish is None:
+        delta = row.text.delta()
+        if delta:
+            req.on_text(row.choice, delta)
+    return row.finish is not None
+
+
 def _decode_engine(
     model: ConversationModel,
     requests: Sequence[RowRequest],
@@ -339,10 +338,7 @@ def _decode_engine(
     from convcli.tokenizer import layout
 
     assert model.engine is not None
-    stops = {model.sep_token_id, model.tokenizer.pad_token_id}
-    eos = model.tokenizer.tokenizer.eos_token_id
-    if eos is not None:
-        stops.add(eos)
+    stops = model.reply_stop_ids()
     calls: dict[tuple[tuple[object, ...], int, int | None], list[_Row]] = {}
     for row in rows:
         req = requests[row.request]
@@ -368,24 +364,7 @@ def _decode_engine(
 
         def on_token(b: int, token: int, members: list[_Row] = members) -> bool:
             row = members[b]
-            req = requests[row.request]
-            if row.finish is not None:
-                return True
-            if req.cancelled is not None and req.cancelled.is_set():
-                row.finish = "cancelled"
-            elif token in stops:
-                row.finish = "stop"
-            else:
-                row.text.add(token)
-                if row.text.stopped:
-                    row.finish = "stop"
-                elif len(row.text.ids) >= row.max_new:
-                    row.finish = "length"
-                if req.on_text is not None and req.mmi is None and row.finish is None:
-                    delta = row.text.delta()
-                    if delta:
-                        req.on_text(row.choice, delta)
-            return row.finish is not None
+            return row.finish is not None or _take(row, requests[row.request], token, stops)
 
         model.engine.generate(
             [prompts[row.context] for row in members], max_new, sorted(stops),
