@@ -335,8 +335,9 @@ class CT2Engine:
                 )
             except (RuntimeError, ValueError) as exc:
                 raise ConvcliError(f"cannot load {path} with CTranslate2: {exc}") from exc
-            rows = json.loads((path / "vocabulary.json").read_text(encoding="utf-8"))
-            self.vocab_size = len(rows) // (2 if response_type is not None else 1)
+            if not self.vocab_size:  # the same for every table: read once, not per reseed
+                rows = json.loads((path / "vocabulary.json").read_text(encoding="utf-8"))
+                self.vocab_size = len(rows) // (2 if response_type is not None else 1)
         return self._generators[response_type]
 
     def reseed(self, seed: int) -> None:

@@ -144,6 +144,7 @@ class ConversationModel:
         self.path = path
         self.engine = engine
         self.notes: list[str] = []
+        self._generation_defaults: dict[str, Any] | None = None
         if model is not None and engine is None:
             # Batched calls (MMI candidates, several contexts) on CPU use oneDNN-packed
             # weights, made on first use; batch-1 calls run the model's own layers.
@@ -363,7 +364,7 @@ class ConversationModel:
 
     def generation_defaults(self) -> dict[str, Any]:
         """The decoding options the folder's generation_config.json sets (read once)."""
-        if not hasattr(self, "_generation_defaults"):
+        if self._generation_defaults is None:
             from transformers import GenerationConfig
 
             try:
