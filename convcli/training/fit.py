@@ -193,6 +193,22 @@ def _quiet_lightning() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _own_process_group() -> Iterator[None]:
+    """Destroy the process group Lightning opened for this run once the run is over.
+
+    Lightning leaves it open; at interpreter exit Gloo's worker threads are then torn down
+    with the interpreter and the process can abort (SIGABRT, "terminate called without an
+    active exception") after a run that succeeded. A group the caller opened is theirs."""
+    dist = torch.distributed
+    opened_before = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not opened_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _progress_callbacks(progress: Progress | bool) -> list[pl.Callback]:
     if progress in (True, "bar"):
         return [StderrProgressBar()]
@@ -327,7 +343,7 @@ def _train(
     steps = StepCheckpoints(s.output / CHECKPOINTS, s.save_every, s.keep_checkpoints)
     stopper = SaveOnSignal(steps)
     max_epochs = s.max_epochs if s.max_epochs is not None else (1 if s.max_steps is None else -1)
-    with _quiet_lightning():
+    with _quiet_lightning(), _own_process_group():
         try:
             trainer = pl.Trainer(
                 accelerator=s.accelerator,
