@@ -43,22 +43,51 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-from convcli.inference.mmi import MMIReranker  # noqa: E402
-from convcli.inference.model import ConversationModel  # noqa: E402
-from convcli.modelfolder import ModelMeta  # noqa: E402
-from convcli.tokenizer import ConversationTokenizer  # noqa: E402
 
 CONTEXT = [
     "Hello, how are you doing today?",
     "I'm fine, thanks. I just got back from a long walk in the park by the river.",
     "That sounds lovely. Was it busy, or did you have the place to yourself?",
 ]
+
+
+def startup_child(forward_dir: str, reverse_dir: str, k: int, n: int, backend: str) -> None:
+    """In a fresh process: imports, loading both folders, then two MMI turns (JSON out)."""
+    t0 = time.perf_counter()
+    from convcli.inference.loading import load_models
+    from convcli.inference.settings import EngineSettings, MMISettings
+
+    t1 = time.perf_counter()
+    _, reranker, _ = load_models(
+        forward_dir,
+        MMISettings(reverse_model=Path(reverse_dir), num_candidates=k),
+        EngineSettings(backend=backend),  # type: ignore[arg-type]
+    )
+    t2 = time.perf_counter()
+    sampling = {"do_sample": True, "top_k": 50, "max_new_tokens": n, "min_new_tokens": n}
+    reranker.respond(CONTEXT, seed=0, **sampling)
+    t3 = time.perf_counter()
+    reranker.respond(CONTEXT, seed=1, **sampling)
+    t4 = time.perf_counter()
+    print(json.dumps({"imports": t1 - t0, "load": t2 - t1, "first": t3 - t2, "next": t4 - t3,
+                      "torch imported": "torch" in sys.modules}))  # fmt: skip
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--startup-child"]:
+    # A fresh process that imports only what `generate` does (no torch at this point).
+    fwd_dir, rev_dir, k, n, backend = sys.argv[2:7]
+    startup_child(fwd_dir, rev_dir, int(k), int(n), backend)
+    sys.exit(0)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from convcli.inference.mmi import MMIReranker  # noqa: E402
+from convcli.inference.model import ConversationModel  # noqa: E402
+from convcli.modelfolder import ModelMeta  # noqa: E402
+from convcli.tokenizer import ConversationTokenizer  # noqa: E402
 
 
 def tokenizer() -> ConversationTokenizer:
@@ -141,28 +170,6 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def startup_child(forward_dir: str, reverse_dir: str, k: int, n: int, backend: str) -> None:
-    """In a fresh process: imports, loading both folders, then two MMI turns (JSON out)."""
-    t0 = time.perf_counter()
-    from convcli.inference.loading import load_models
-    from convcli.inference.settings import EngineSettings, MMISettings
-
-    t1 = time.perf_counter()
-    _, reranker, _ = load_models(
-        forward_dir,
-        MMISettings(reverse_model=Path(reverse_dir), num_candidates=k),
-        EngineSettings(backend=backend),  # type: ignore[arg-type]
-    )
-    t2 = time.perf_counter()
-    sampling = {"do_sample": True, "top_k": 50, "max_new_tokens": n, "min_new_tokens": n}
-    reranker.respond(CONTEXT, seed=0, **sampling)
-    t3 = time.perf_counter()
-    reranker.respond(CONTEXT, seed=1, **sampling)
-    t4 = time.perf_counter()
-    # (module-level imports of this script, torch and transformers, came before t0)
-    print(json.dumps({"imports": t1 - t0, "load": t2 - t1, "first": t3 - t2, "next": t4 - t3}))
-
-
 def save_pair(forward, reverse, root: Path) -> list[str]:
     """The two models as model folders under `root` (forward, reverse)."""
     from convcli.modelfolder import save_model_folder
@@ -185,7 +192,8 @@ def startup_split(folders: list[str], k: int, n: int, threads: int, backend: str
     if result.returncode:
         sys.exit(f"start-up child failed:\n{result.stderr[-2000:]}")
     split = json.loads(result.stdout.strip().splitlines()[-1])
-    split["process"] = wall - sum(split.values())  # interpreter, torch and transformers imports
+    # The interpreter and what `import convcli.inference.loading` left for later.
+    split["process"] = wall - sum(v for v in split.values() if not isinstance(v, bool))
     return split
 
 
@@ -250,12 +258,7 @@ def main() -> None:
         "--backend", choices=("torch", "ctranslate2", "both"), default="both",
         help="which backend's rows (both: ctranslate2's too when it is installed)",
     )  # fmt: skip
-    parser.add_argument("--startup-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.startup_child:
-        fwd_dir, rev_dir, k, n, backend = args.startup_child
-        startup_child(fwd_dir, rev_dir, int(k), int(n), backend)
-        return
     from transformers.utils import logging as hf_logging
 
     from convcli.inference.loading import set_threads
@@ -394,7 +397,8 @@ def main() -> None:
                 f"start-up of an MMI generate ({backend}): interpreter and imports "
                 f"{split['process'] + split['imports']:.2f} s, "
                 f"loading two folders {split['load']:.2f} s, "
-                f"first turn {split['first']:.2f} s, next turn {split['next']:.2f} s; "
+                f"first turn {split['first']:.2f} s, next turn {split['next']:.2f} s "
+                f"(torch imported: {'yes' if split['torch imported'] else 'no'}); "
                 f"(start-up + first turn - next turn) / next turn = {extra / split['next']:.2f} "
                 "(target <= 1)"
             )

@@ -79,6 +79,11 @@ class ModelMeta:
                 f"{path}: metadata version {data['version']} is newer than this convcli "
                 f"understands ({META_VERSION}); upgrade convcli"
             )
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelMeta:
+        """The fields of `data` this version knows (`format` and `version` aside)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -150,6 +155,30 @@ def read_meta(name_or_path: str | Path, tokenizer: ConversationTokenizer) -> Mod
     )
 
 
+def checked_folder(name_or_path: str | Path) -> tuple[str, list[str]]:
+    """What `name_or_path` stands for (a run directory's final/, see `model_folder`) and
+    notes for the user, once it passed the checks made before anything is built: no
+    code to run, a supported architecture whose sizes match its weights."""
+    resolved, notes = model_folder(name_or_path)
+    check_name(resolved)
+    path = Path(resolved)
+    if path.is_file():
+        raise ConvcliError(
+            f"{name_or_path} is a file, not a model folder"
+            + (
+                " (use `convcli convert` on checkpoints)"
+                if path.suffix in (".pkl", ".ckpt", ".pt")
+                else ""
+            )
+        )
+    if path.is_dir():
+        check_no_code(path)
+        check_model_config(path)
+    else:
+        check_hub_config(resolved)
+    return resolved, notes
+
+
 def load_model_folder(
     name_or_path: str | Path,
     *,
@@ -171,24 +200,8 @@ def load_model_folder(
     from convcli.tokenizer import ConversationTokenizer
 
     target = resolve_device(device)  # a device this machine lacks: one line, before loading
-    resolved, notes = model_folder(name_or_path)
-    check_name(resolved)
-    path = Path(resolved)
-    if path.is_file():
-        raise ConvcliError(
-            f"{name_or_path} is a file, not a model folder"
-            + (
-                " (use `convcli convert` on checkpoints)"
-                if path.suffix in (".pkl", ".ckpt", ".pt")
-                else ""
-            )
-        )
-    if path.is_dir():
-        check_no_code(path)
-        check_model_config(path)
-    else:
-        check_hub_config(resolved)
-    name_or_path = resolved
+    name_or_path, notes = checked_folder(name_or_path)
+    path = Path(name_or_path)
     if share_tokenizer is not None and same_tokenizer_files(Path(share_tokenizer[0]), path):
         tokenizer = share_tokenizer[1]
     else:

@@ -150,7 +150,8 @@ class ConversationTokenizer:
     def fingerprint(self) -> str:
         """A hash of the vocabulary and sep token: equal fingerprints encode text alike."""
         vocab = sorted(self.tokenizer.get_vocab().items())
-        payload = json.dumps([type(self.tokenizer).__name__, self.sep_token, vocab])
+        kind = getattr(self.tokenizer, "stands_for", None) or type(self.tokenizer).__name__
+        payload = json.dumps([kind, self.sep_token, vocab])
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -241,6 +242,82 @@ class ConversationTokenizer:
     def decode_turns(self, ids: Sequence[int]) -> list[str]:
         """Inverse of `__call__`: the turns of a laid-out sequence."""
         return [self.decode(turn) for turn in split_turns(ids, self.sep_token_id)]
+
+
+class BackendTokenizer:
+    """A fast tokenizer as transformers loaded it, rebuilt from its `tokenizers` backend
+    (the `to_str()` JSON) and special tokens, without importing transformers (or torch,
+    which transformers imports): what `ConversationTokenizer` uses of a Hugging Face
+    tokenizer. The ctranslate2 backend keeps one beside each conversion (`snapshot`) so
+    that later runs start in a fraction of a second; it encodes and decodes as the
+    tokenizer it was taken from (tested), whose class name it keeps for `fingerprint`.
+    """
+
+    def __init__(
+        self, backend_json: str, *, stands_for: str, sep_token: str, pad_token: str,
+        eos_token: str | None,
+    ) -> None:  # fmt: skip
+        from tokenizers import Tokenizer
+
+        self.backend_tokenizer = Tokenizer.from_str(backend_json)
+        self.stands_for = stands_for
+        self.sep_token, self.pad_token, self.eos_token = sep_token, pad_token, eos_token
+        for token in (sep_token, pad_token):
+            if self.backend_tokenizer.token_to_id(token) is None:
+                raise ValueError(f"the special token {token!r} is not in the vocabulary")
+
+    @classmethod
+    def snapshot(cls, tokenizer: Any) -> dict[str, Any] | None:
+        """What rebuilds `tokenizer` (a loaded Hugging Face tokenizer, with its sep and pad
+        set), or None when it is not a fast tokenizer or decodes with more than its
+        backend (transformers' clean-up of spaces)."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or tokenizer.decode([]) != "":
+            return None
+        if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            probe = backend.encode("a , b . c ' d n't").ids  # spaces the clean-up removes
+            if tokenizer.decode(probe) != backend.decode(probe):
+                return None
+        return {
+            "backend_json": backend.to_str(),
+            "stands_for": type(tokenizer).__name__,
+            "sep_token": str(tokenizer.sep_token),
+            "pad_token": str(tokenizer.pad_token),
+            "eos_token": None if tokenizer.eos_token is None else str(tokenizer.eos_token),
+        }
+
+    @property
+    def sep_token_id(self) -> int:
+        return self.backend_tokenizer.token_to_id(self.sep_token)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.backend_tokenizer.token_to_id(self.pad_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.eos_token
+        return None if eos is None else self.backend_tokenizer.token_to_id(eos)
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """tokenizer.json and the tokenizer_config.json that makes transformers load it
+        back as the tokenizer it came from."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend_tokenizer.save(str(folder / "tokenizer.json"))
+        config = {"tokenizer_class": self.stands_for, "sep_token": self.sep_token,
+                  "pad_token": self.pad_token, "eos_token": self.eos_token}  # fmt: skip
+        text = json.dumps({k: v for k, v in config.items() if v is not None}, indent=2)
+        (folder / "tokenizer_config.json").write_text(text + "\n", encoding="utf-8")
 
 
 def load_hf_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:

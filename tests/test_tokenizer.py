@@ -78,6 +78,36 @@ def test_encode_turns_fast_path_matches_the_hf_call(which, request):
     ]
 
 
+@pytest.mark.parametrize("which", ["gpt2", "tiny", "added sep"])
+def test_a_backend_snapshot_encodes_and_decodes_as_transformers(which, request):
+    """What the ctranslate2 backend loads instead of transformers (BackendTokenizer, from
+    a JSON snapshot) gives the same ids, texts, special tokens and fingerprint."""
+    import json
+
+    from convcli.tokenizer import BackendTokenizer, load_hf_tokenizer
+
+    folder = request.getfixturevalue(
+        "gpt2_tokenizer_dir" if which == "gpt2" else "tiny_tokenizer_dir"
+    )
+    hf = load_hf_tokenizer(folder)
+    if which == "added sep":  # no eos: a <sep> token is added to the vocabulary
+        hf.sep_token = hf.eos_token = hf.pad_token = None
+    real = ConversationTokenizer(hf)
+    snapshot = json.loads(json.dumps(BackendTokenizer.snapshot(real.tokenizer)))
+    light = ConversationTokenizer(BackendTokenizer(**snapshot))
+    assert (light.sep_token_id, light.pad_token_id, len(light), light.fingerprint()) == (
+        real.sep_token_id, real.pad_token_id, len(real), real.fingerprint()
+    )  # fmt: skip
+    texts = ["Hello", " two  spaces ", "a <|endoftext|> b <sep>", "こんにちは、元気?",
+             "emoji 🙂\ttab", "don't , stop . now", ""]  # fmt: skip
+    assert light(texts) == real(texts)
+    ids = real(texts)["input_ids"]
+    assert light.decode_turns(ids) == real.decode_turns(ids)
+    noise = [i * 7919 % len(real) for i in range(300)]  # any ids, byte pieces included
+    assert light.decode(noise) == real.decode(noise)
+    assert light.tokenizer.decode(noise) == real.tokenizer.decode(noise)  # specials kept
+
+
 def test_special_token_text_typed_by_a_user_stays_text(tiny_tokenizer):
     encoded = tiny_tokenizer(["a <|endoftext|> b", "c"])["input_ids"]
     assert encoded.count(tiny_tokenizer.sep_token_id) == 3

@@ -55,7 +55,9 @@ if TYPE_CHECKING:
 
 COMPUTE_TYPES: tuple[str, ...] = typing.get_args(ComputeType)
 # Bump when the conversion below changes: older cached conversions are then ignored.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: each conversion keeps a snapshot of the folder's loading
+# Written beside a conversion by whoever converted (see convcli.inference.ct2_loading).
+SNAPSHOT_FILE = "convcli-loaded.json"
 # A conversion's temp folder this old belongs to a process that died while converting.
 STALE_TEMP_SECONDS = 3600
 # transformers `generate` options and what CTranslate2 calls them.
@@ -95,6 +97,32 @@ def cache_root() -> Path:
         return Path(base) / "ctranslate2"
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg) / "convcli" / "ctranslate2"
+
+
+def engine_device(device: str | None) -> str:
+    """The device to decode on ("cpu", "cuda" or "cuda:N"), checked with CTranslate2 (no
+    torch): `None` or "auto" picks CUDA when CTranslate2 sees a GPU, else CPU."""
+    cuda = require_ctranslate2().get_cuda_device_count()
+    if device in (None, "auto"):
+        return "cuda" if cuda else "cpu"
+    kind, colon, index = device.partition(":")
+    if kind == "cpu" and not colon:
+        return device
+    if kind == "cuda" and (not colon or index.isdigit()):
+        if int(index or 0) >= cuda:
+            raise UsageError(
+                f"`device` {device}: CTranslate2 sees {cuda} CUDA device(s) here", param="device"
+            )
+        return device
+    raise UsageError(
+        f"`device` {device}: the ctranslate2 backend runs on cpu, cuda or cuda:N", param="device"
+    )
+
+
+def find_conversion(folder: Path, compute_type: str, response_type: int | None) -> Path | None:
+    """The cached conversion of `folder` as its files are now, when there is one."""
+    target = cache_root() / cache_key(identity(folder, compute_type, response_type))
+    return target if (target / "model.bin").is_file() else None
 
 
 def quantization_for(compute_type: str) -> str | None:
@@ -164,10 +192,10 @@ def convert(
 
 def converted_folder(
     folder: Path, compute_type: str, sep_token_id: int, response_type: int | None = None,
-    report: Callable[[str], None] | None = None,
+    report: Callable[[str], None] | None = None, snapshot: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
     """The cached conversion of `folder` (made now when missing; `report` hears of it
-    first, as it takes seconds).
+    first, as it takes seconds), with `snapshot` beside it (`SNAPSHOT_FILE`).
 
     The conversion is written to a temp folder beside its final name and renamed into
     place, so a crash leaves no half-written model, and of two processes converting at
@@ -189,6 +217,8 @@ def converted_folder(
         try:
             convert(folder, tmp, compute_type, sep_token_id, response_type)
             (tmp / "identity.json").write_text(json.dumps(ident), encoding="utf-8")
+            if snapshot is not None:
+                (tmp / SNAPSHOT_FILE).write_text(json.dumps(snapshot), encoding="utf-8")
             try:
                 if not rename_noreplace(tmp, target):  # no renameat2 here (macOS...)
                     os.rename(tmp, target)  # fails when target exists and is not empty
@@ -294,7 +324,10 @@ class CT2Engine:
     def __init__(
         self, folder: Path, *, device: str, compute_type: str, sep_token_id: int,
         threads: int, token_types: bool, report: Callable[[str], None] | None = None,
+        snapshot: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
+        """`device` as `engine_device` gives it; `snapshot`: kept beside conversions made
+        here (see convcli.inference.ct2_loading)."""
         ct2 = require_ctranslate2()
         if not folder.is_dir():
             raise ConvcliError(f"{folder}: the ctranslate2 backend needs a local model folder")
@@ -309,7 +342,7 @@ class CT2Engine:
             )
         self.folder, self.compute_type, self.threads = folder, compute_type, threads
         self.sep_token_id, self.token_types = sep_token_id, token_types
-        self.report = report
+        self.report, self.snapshot = report, snapshot
         self.vocab_size = 0
         self._generators: dict[int | None, Any] = {}
         self._paths: dict[int | None, Path] = {}  # reloads (reseed) keep what was loaded
@@ -321,8 +354,9 @@ class CT2Engine:
         if response_type not in self._generators:
             ct2 = require_ctranslate2()
             path = self._paths.get(response_type) or converted_folder(
-                self.folder, self.compute_type, self.sep_token_id, response_type, self.report
-            )
+                self.folder, self.compute_type, self.sep_token_id, response_type, self.report,
+                self.snapshot,
+            )  # fmt: skip
             self._paths[response_type] = path
             try:
                 self._generators[response_type] = ct2.Generator(

@@ -36,24 +36,27 @@ def load_models(
     """The forward model, the MMI reranker when `mmi.reverse_model` is set, and warnings
     for the user (a model marked the wrong way round). `report(message)` hears of slow
     steps as they start (a conversion for the ctranslate2 backend)."""
-    from transformers.utils import logging as hf_logging
-
     from convcli.inference.mmi import MMIReranker
     from convcli.inference.model import ConversationModel
-    from convcli.loadgate import check_device
 
     mmi = mmi or MMISettings()
     runtime = runtime or RuntimeSettings()
-    check_device(runtime.device)  # before anything loads: one line, exit 2
-    set_threads(runtime.threads)
-    # transformers' advice and weight-loading bars are noise for a front end.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    notes: list[str] = []
     engine: dict[str, Any] = {}
     if isinstance(runtime, EngineSettings) and runtime.backend != "torch":
+        # No torch here: importing it would cost more than the engine's first reply.
         engine = {"backend": runtime.backend, "compute_type": runtime.compute_type or "int8",
-                  "report": report}  # fmt: skip
+                  "report": report, "threads": runtime.threads or default_threads()}  # fmt: skip
+    else:
+        from transformers.utils import logging as hf_logging
+
+        from convcli.loadgate import check_device
+
+        check_device(runtime.device)  # before anything loads: one line, exit 2
+        set_threads(runtime.threads)
+        # transformers' advice and weight-loading bars are noise for a front end.
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    notes: list[str] = []
     forward = ConversationModel.from_pretrained(model, device=runtime.device, **engine)
     notes.extend(forward.notes)
     if forward.meta.reverse:

@@ -22,6 +22,8 @@ it, so its distribution is the tutorial's).
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -107,8 +109,6 @@ def score_candidates(
     positions that predict source tokens go through the output layer, so the
     vocabulary-sized logits are never built for the whole batch.
     """
-    import torch
-
     sep = reverse.sep_token_id
     n = reverse.n_positions
     rows, types, starts = [], [], []
@@ -126,6 +126,8 @@ def score_candidates(
         scored = reverse.engine.log_probs([(r, t if typed else None) for r, t in pairs])
         return [sum(lp[start - 1 :]) / max(1, len(lp) - start + 1)
                 for lp, start in zip(scored, starts, strict=True)]  # fmt: skip
+    import torch
+
     width = max(map(len, rows))
     pad = reverse.tokenizer.pad_token_id
     device = reverse.device
@@ -158,21 +160,22 @@ def choice_probabilities(
     counts: Sequence[int] | None = None,
     *,
     temperature: float = DEFAULT_TEMPERATURE,
-) -> torch.Tensor:
+) -> list[float]:
     """P(pick candidate i): softmax(score / T) over the samples, summed over duplicates.
 
     A reply sampled `count` times gets `count * exp(score / T)` (normalised), exactly
     what the softmax over every sample gives it; empty replies get 0 while a non-empty
     one exists.
     """
-    import torch
-
-    s = torch.tensor(scores, dtype=torch.float64) / temperature
+    s = [score / temperature for score in scores]
     if counts is not None:
-        s = s + torch.tensor(counts, dtype=torch.float64).log()
+        s = [x + math.log(c) for x, c in zip(s, counts, strict=True)]
     if any(nonempty):
-        s = s.masked_fill(~torch.tensor(list(nonempty)), float("-inf"))
-    return torch.softmax(s, dim=0)
+        s = [x if ok else -math.inf for x, ok in zip(s, nonempty, strict=True)]
+    top = max(s)
+    weights = [math.exp(x - top) for x in s]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 def choose(
@@ -182,21 +185,23 @@ def choose(
     *,
     temperature: float = DEFAULT_TEMPERATURE,
     argmax: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | random.Random | None = None,
 ) -> int:
     """Index drawn from `choice_probabilities` (or the best-scored non-empty candidate).
 
-    `generator`: draw with it instead of torch's global RNG (a server's per-request seed).
+    `generator`: draw with it instead of torch's global RNG (a server's per-request seed);
+    a `random.Random` draws without torch (the ctranslate2 backend's models).
     """
+    if argmax:
+        best = [i for i, ok in enumerate(nonempty) if ok] or range(len(scores))
+        return max(best, key=lambda i: scores[i])  # the first of equal scores
+    probs = choice_probabilities(scores, nonempty, counts, temperature=temperature)
+    if isinstance(generator, random.Random):
+        return generator.choices(range(len(probs)), weights=probs)[0]
     import torch
 
-    if argmax:
-        s = torch.tensor(scores, dtype=torch.float64)
-        if any(nonempty):
-            s = s.masked_fill(~torch.tensor(list(nonempty)), float("-inf"))
-        return int(torch.argmax(s))
-    probs = choice_probabilities(scores, nonempty, counts, temperature=temperature)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    drawn = torch.multinomial(torch.tensor(probs, dtype=torch.float64), 1, generator=generator)
+    return int(drawn)
 
 
 def distinct(rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
@@ -284,6 +289,7 @@ class MMIReranker:
                 [c.count for c in cands],
                 temperature=self.temperature,
                 argmax=self.argmax,
+                generator=fwd.rng,  # None: torch's global RNG (the torch backend)
             )
             results.append(MMIResult(list(context), cands, chosen))
         return results

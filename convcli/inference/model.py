@@ -17,15 +17,16 @@ option passes through. What this adds around `transformers`:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convcli.errors import ConvcliError, UsageError, first_line
-from convcli.inference.settings import Backend
-from convcli.modelfolder import LoadedModel, ModelMeta, load_model_folder
-from convcli.tokenizer import ConversationTokenizer, layout, truncate_turns
+from convcli.inference.settings import Backend, default_threads
+from convcli.modelfolder import ModelMeta, load_model_folder
+from convcli.tokenizer import ConversationTokenizer, layout, layout_length, truncate_turns
 
 if TYPE_CHECKING:
     import torch
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
     from convcli.inference.ct2_engine import CT2Engine
 
 DEFAULT_MAX_NEW_TOKENS = 64
-# What a folder's generation_config.json may set that the ctranslate2 backend applies
-# itself (transformers' generate applies the folder's defaults on the torch backend).
-ENGINE_DEFAULTS = ("do_sample", "top_k", "top_p", "temperature", "num_beams",
-                   "repetition_penalty", "no_repeat_ngram_size", "early_stopping")  # fmt: skip
 
 
 @dataclass
@@ -87,10 +84,16 @@ class Sampled:
 
     turn_ids: list[list[list[int]]]
     """Each context's turns as fed to the model (after truncation)."""
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor] | None
+    """The padded model inputs (None on an engine, which takes the ids as lists)."""
     max_new_tokens: int
     response_ids: list[list[int]]
     """Each generated sequence's reply, cut at the first sep (contexts x samples)."""
+
+    @property
+    def context_lengths(self) -> list[int]:
+        """Tokens of each context as fed to the model."""
+        return [layout_length([len(t) for t in turns]) for turns in self.turn_ids]
 
 
 def fit_turns(
@@ -144,7 +147,10 @@ class ConversationModel:
         self.path = path
         self.engine = engine
         self.notes: list[str] = []
-        self._generation_defaults: dict[str, Any] | None = None
+        self.generation_defaults: dict[str, Any] = {}
+        """What the folder's generation_config.json sets that an engine applies itself."""
+        # An engine's models draw MMI's choice from Python's RNG: no torch to import.
+        self.rng = random.Random() if engine is not None else None
         if model is not None and engine is None:
             # Batched calls (MMI candidates, several contexts) on CPU use oneDNN-packed
             # weights, made on first use; batch-1 calls run the model's own layers.
@@ -162,17 +168,18 @@ class ConversationModel:
         backend: Backend = "torch",
         compute_type: str = "int8",
         report: Callable[[str], None] | None = None,
+        threads: int | None = None,
     ) -> ConversationModel:
         """Load a model folder written by `train` or `convert`, or a plain GPT-2 folder.
 
         `device=None` picks CUDA when present, else CPU. `share_tokenizer`: a model whose
         tokenizer this folder reuses when their tokenizer files are identical (MMI pairs).
         `backend="ctranslate2"` decodes with CTranslate2 at `compute_type` (int8 by
-        default; see `convcli.inference.ct2_engine` for what differs from torch);
+        default; see `convcli.inference.ct2_engine` for what differs from torch), with
+        `threads` CPU threads (default: `default_threads()`), and imports neither torch
+        nor transformers once the folder is converted (`convcli.inference.ct2_loading`);
         `report(message)` hears when the folder is converted for it (seconds, once).
         """
-        from convcli.modelfolder import resolve_device
-
         if backend not in ("torch", "ctranslate2"):
             raise UsageError(f"`backend` must be torch or ctranslate2, got {backend!r}")
         if backend == "ctranslate2" and dtype is not None:
@@ -180,21 +187,18 @@ class ConversationModel:
         share = None
         if share_tokenizer is not None:
             share = (share_tokenizer.path, share_tokenizer.tokenizer)
-        loaded: LoadedModel = load_model_folder(
-            path, device=device, dtype=dtype, share_tokenizer=share, weights=backend == "torch"
-        )
-        engine = None
-        if backend == "ctranslate2":
-            import torch
+        if backend == "torch":
+            loaded = load_model_folder(path, device=device, dtype=dtype, share_tokenizer=share)
+            model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path)
+        else:
+            from convcli.inference.ct2_loading import load_for_engine
 
-            from convcli.inference.ct2_engine import CT2Engine
-
-            engine = CT2Engine(
-                Path(loaded.path), device=str(resolve_device(device)), compute_type=compute_type,
-                sep_token_id=loaded.meta.sep_token_id, threads=torch.get_num_threads(),
-                token_types=loaded.meta.token_types, report=report,
+            loaded, engine, defaults = load_for_engine(
+                path, device=device, compute_type=compute_type, share_tokenizer=share,
+                threads=threads or default_threads(), report=report,
             )  # fmt: skip
-        model = cls(loaded.model, loaded.tokenizer, loaded.meta, loaded.path, engine, loaded.config)
+            model = cls(None, loaded.tokenizer, loaded.meta, loaded.path, engine, loaded.config)
+            model.generation_defaults = defaults
         model.notes = loaded.notes  # e.g. a run directory's final/ was used
         return model
 
@@ -314,7 +318,7 @@ class ConversationModel:
             responses=[self.tokenizer.decode(ids) for ids in sampled.response_ids],
             num_return_sequences=k,
             token_ids=sampled.response_ids if return_token_ids else None,
-            context_lengths=[int(n) for n in sampled.tensors["attention_mask"].sum(1).tolist()],
+            context_lengths=sampled.context_lengths,
             max_new_tokens=sampled.max_new_tokens,
         )
 
@@ -329,18 +333,19 @@ class ConversationModel:
     ) -> Sampled:
         """The path `generate` and MMI share: fit and pad the contexts, run one Hugging Face
         `generate` call, cut each sequence's reply at its sep."""
-        turn_ids, tensors, max_new = self.prepare(
+        turn_ids, max_new = self.fit(
             batch,
             max_new_tokens=hf_kwargs.pop("max_new_tokens", None),
             max_length=hf_kwargs.pop("max_length", None),
             max_context_tokens=max_context_tokens,
             keep_first_turns=keep_first_turns,
         )
+        tensors = None
         if self.engine is not None:
             laid = (layout(turns, self.sep_token_id) for turns in turn_ids)
             prompts = [(ids, types if self.meta.token_types else None) for ids, types, _ in laid]
             stops = self._stop_ids(hf_kwargs.pop("eos_token_id", None))
-            options = {**self.generation_defaults(), **hf_kwargs}
+            options = {**self.generation_defaults, **hf_kwargs}
             if seed is not None:
                 self.reseed(seed, engine=bool(options.get("do_sample")))
             try:
@@ -349,32 +354,26 @@ class ConversationModel:
                 raise UsageError(f"generation options rejected: {first_line(exc)}") from exc
             replies = [self.cut_reply(ids) for ids in generated]
         else:
+            tensors = self.batch_tensors(turn_ids)
             sequences = self.generate_ids(tensors, max_new, seed=seed, **hf_kwargs)
             replies = self.response_ids(sequences, tensors["input_ids"].shape[1])
         return Sampled(turn_ids, tensors, max_new, replies)
 
     def reseed(self, seed: int, *, engine: bool = True) -> None:
-        """Seed what draws from here on: torch's RNG (sampling, MMI's choice) and the
-        engine's, when there is one (`engine=False`: a call that does not sample)."""
-        import torch
+        """Seed what draws from here on. Torch backend: torch's RNG (sampling and MMI's
+        choice). Engine: its sampling (unless `engine=False`: a call that does not sample)
+        and `rng` (MMI's choice)."""
+        if self.engine is None:
+            import torch
 
-        torch.manual_seed(seed)
-        if self.engine is not None and engine:
+            torch.manual_seed(seed)
+            return
+        assert self.rng is not None
+        self.rng.seed(seed)
+        if engine:
             self.engine.reseed(seed)
 
-    def generation_defaults(self) -> dict[str, Any]:
-        """The decoding options the folder's generation_config.json sets (read once)."""
-        if self._generation_defaults is None:
-            from transformers import GenerationConfig
-
-            try:
-                config = GenerationConfig.from_pretrained(self.path).to_diff_dict()
-            except (OSError, ValueError):
-                config = {}
-            self._generation_defaults = {k: config[k] for k in ENGINE_DEFAULTS if k in config}
-        return dict(self._generation_defaults)
-
-    def prepare(
+    def fit(
         self,
         batch: Sequence[Sequence[str]],
         *,
@@ -382,8 +381,8 @@ class ConversationModel:
         max_length: int | None = None,
         max_context_tokens: int | None = None,
         keep_first_turns: int = 0,
-    ) -> tuple[list[list[list[int]]], dict[str, torch.Tensor], int]:
-        """Encode, fit and pad a batch: (turn ids, model inputs, max_new_tokens)."""
+    ) -> tuple[list[list[list[int]]], int]:
+        """Encode and fit a batch: (each context's turn ids, max_new_tokens)."""
         if max_length is not None and max_new_tokens is None:
             # transformers' max_length counts the prompt: resolve it against the longest one.
             full = self.encode_contexts(batch, self.n_positions, keep_first_turns)
@@ -392,7 +391,13 @@ class ConversationModel:
         max_new, budget = self.plan_lengths(max_new_tokens)
         if max_context_tokens is not None:
             budget = min(budget, int(max_context_tokens))
-        turn_ids = self.encode_contexts(batch, budget, keep_first_turns)
+        return self.encode_contexts(batch, budget, keep_first_turns), max_new
+
+    def prepare(
+        self, batch: Sequence[Sequence[str]], **fit_kwargs: Any
+    ) -> tuple[list[list[list[int]]], dict[str, torch.Tensor], int]:
+        """`fit`, and the padded model inputs: (turn ids, model inputs, max_new_tokens)."""
+        turn_ids, max_new = self.fit(batch, **fit_kwargs)
         return turn_ids, self.batch_tensors(turn_ids), max_new
 
     def generate_ids(

@@ -10,37 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DIALOGUES, run_cli, train_tiny
+from tests.conftest import run_cli
 
 pytest.importorskip("ctranslate2", reason="the ctranslate2 backend is an optional extra")
 
 CONTEXT = ["Do you like tea?"]
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Converted models go to a test folder, never to the user's cache."""
-    monkeypatch.setenv("CONVCLI_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "ctranslate2"
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> tuple[Path, Path]:
-    """A forward and a reverse model trained without token types (what CTranslate2 runs)."""
-    from convcli.modelfolder import ModelMeta, save_model_folder
-    from convcli.tokenizer import ConversationTokenizer
-    from tests.conftest import reverse_pairs
-
-    tokenizer = ConversationTokenizer.from_pretrained(tiny_tokenizer_dir)
-    unique = [list(d) for d in dict.fromkeys(tuple(d) for d in DIALOGUES)]
-    root = tmp_path_factory.mktemp("ct2-pair")
-    sep = tokenizer.sep_token_id
-    forward = train_tiny(tokenizer, unique, token_types=False, steps=150)
-    reverse = train_tiny(tokenizer, reverse_pairs(unique), token_types=False, steps=150)
-    return (
-        save_model_folder(forward, tokenizer, ModelMeta(False, sep), root / "forward"),
-        save_model_folder(reverse, tokenizer, ModelMeta(False, sep, reverse=True), root / "rev"),
-    )
 
 
 def load(path: Path, **kwargs):
@@ -49,9 +23,9 @@ def load(path: Path, **kwargs):
     return ConversationModel.from_pretrained(path, device="cpu", **kwargs)
 
 
-def test_float32_greedy_replies_equal_torch(pair: tuple[Path, Path]) -> None:
-    torch_model = load(pair[0])
-    ct2_model = load(pair[0], backend="ctranslate2", compute_type="float32")
+def test_float32_greedy_replies_equal_torch(plain_pair: tuple[Path, Path]) -> None:
+    torch_model = load(plain_pair[0])
+    ct2_model = load(plain_pair[0], backend="ctranslate2", compute_type="float32")
     contexts = [["Do you like tea?"], ["Hello", "Hi, how are you?"], ["Where do you live?"]]
     options = {"max_new_tokens": 12, "return_token_ids": True}
     expected = torch_model.generate(contexts, **options)
@@ -87,10 +61,10 @@ def test_token_types_give_torch_replies_and_scores(
     assert score_candidates(ct2_typed, candidates, sources) == pytest.approx(expected, abs=1e-4)
 
 
-def test_int8_scores_stay_close_to_float32(pair: tuple[Path, Path]) -> None:
+def test_int8_scores_stay_close_to_float32(plain_pair: tuple[Path, Path]) -> None:
     """int8 weights move each token's log-probability a little, not the reply's sense."""
-    exact = load(pair[0], backend="ctranslate2", compute_type="float32")
-    int8 = load(pair[0], backend="ctranslate2", compute_type="int8")
+    exact = load(plain_pair[0], backend="ctranslate2", compute_type="float32")
+    int8 = load(plain_pair[0], backend="ctranslate2", compute_type="int8")
     rows = [exact.tokenizer.encode_turns(["Do you like tea?", "Yes, I like green tea."])[0]]
     rows = [(rows[0], None)]
     (a,), (b,) = exact.engine.log_probs(rows), int8.engine.log_probs(rows)
@@ -99,11 +73,11 @@ def test_int8_scores_stay_close_to_float32(pair: tuple[Path, Path]) -> None:
     assert int8.generate(CONTEXT, max_new_tokens=12).text  # a reply comes out
 
 
-def test_beams_and_top_k_1_match_torch(pair: tuple[Path, Path]) -> None:
+def test_beams_and_top_k_1_match_torch(plain_pair: tuple[Path, Path]) -> None:
     """Beam search with early stopping (CTranslate2's only kind) and top-k 1 sampling of
     several replies give torch's replies in float32."""
-    torch_model = load(pair[0])
-    ct2_model = load(pair[0], backend="ctranslate2", compute_type="float32")
+    torch_model = load(plain_pair[0])
+    ct2_model = load(plain_pair[0], backend="ctranslate2", compute_type="float32")
     contexts = [["Do you like tea?"], ["Where do you live?"]]
     for options in (
         {"num_beams": 3, "early_stopping": True, "num_return_sequences": 2},
@@ -113,8 +87,8 @@ def test_beams_and_top_k_1_match_torch(pair: tuple[Path, Path]) -> None:
         assert ct2_model.generate(contexts, max_new_tokens=10, **options).responses == expected
 
 
-def test_seeds_reproduce_and_differ(pair: tuple[Path, Path]) -> None:
-    model = load(pair[0], backend="ctranslate2")
+def test_seeds_reproduce_and_differ(plain_pair: tuple[Path, Path]) -> None:
+    model = load(plain_pair[0], backend="ctranslate2")
     options = {"do_sample": True, "top_k": 0, "temperature": 3.0, "max_new_tokens": 10,
                "num_return_sequences": 4}  # fmt: skip
     first = model.generate(CONTEXT, seed=7, **options).responses
@@ -124,11 +98,11 @@ def test_seeds_reproduce_and_differ(pair: tuple[Path, Path]) -> None:
     assert model.generate(CONTEXT, seed=8, **options).responses != first
 
 
-def test_a_seeded_mmi_turn_repeats(pair: tuple[Path, Path]) -> None:
+def test_a_seeded_mmi_turn_repeats(plain_pair: tuple[Path, Path]) -> None:
     """The candidates and the choice among them (a draw) both follow the seed."""
     from convcli.inference.mmi import MMIReranker
 
-    forward, reverse = (load(p, backend="ctranslate2") for p in pair)
+    forward, reverse = (load(p, backend="ctranslate2") for p in plain_pair)
     reranker = MMIReranker(forward, reverse, num_candidates=6, temperature=5.0)
     sampling = {"do_sample": True, "top_k": 0, "temperature": 3.0, "max_new_tokens": 8}
     turns = [reranker.respond(CONTEXT, seed=s, **sampling) for s in (11, 12, 11)]
@@ -138,11 +112,11 @@ def test_a_seeded_mmi_turn_repeats(pair: tuple[Path, Path]) -> None:
     assert forward.model is None  # the torch weights were never read
 
 
-def test_mmi_scores_equal_torch_and_argmax_picks_the_best(pair: tuple[Path, Path]) -> None:
+def test_mmi_scores_equal_torch_and_argmax_picks_the_best(plain_pair: tuple[Path, Path]) -> None:
     from convcli.inference.mmi import MMIReranker, score_candidates
 
-    torch_reverse = load(pair[1])
-    ct2_reverse = load(pair[1], backend="ctranslate2", compute_type="float32")
+    torch_reverse = load(plain_pair[1])
+    ct2_reverse = load(plain_pair[1], backend="ctranslate2", compute_type="float32")
     tok = torch_reverse.tokenizer
     candidates = tok.encode_turns(["Yes, I like green tea.", "My name is Tiny.", ""])
     sources = [[tok.encode_turns(["Do you like tea?"])[0]]] * 3
@@ -150,8 +124,8 @@ def test_mmi_scores_equal_torch_and_argmax_picks_the_best(pair: tuple[Path, Path
     assert score_candidates(ct2_reverse, candidates, sources) == pytest.approx(expected, abs=1e-4)
     assert expected[0] > expected[1]  # the reverse model knows which reply fits
 
-    forward = load(pair[0], backend="ctranslate2")
-    reranker = MMIReranker(forward, load(pair[1], backend="ctranslate2"), num_candidates=6,
+    forward = load(plain_pair[0], backend="ctranslate2")
+    reranker = MMIReranker(forward, load(plain_pair[1], backend="ctranslate2"), num_candidates=6,
                            argmax=True)  # fmt: skip
     result = reranker.respond(CONTEXT, seed=1, do_sample=True, top_k=0, temperature=2.0)
     scores = [c.score for c in result.candidates if c.text]
@@ -160,20 +134,20 @@ def test_mmi_scores_equal_torch_and_argmax_picks_the_best(pair: tuple[Path, Path
 
 
 def test_a_folder_is_converted_once_and_again_when_it_changes(
-    pair: tuple[Path, Path], cache: Path, tmp_path: Path
+    plain_pair: tuple[Path, Path], cache: Path, tmp_path: Path
 ) -> None:
     import shutil
 
-    load(pair[0], backend="ctranslate2")
+    load(plain_pair[0], backend="ctranslate2")
     (converted,) = cache.iterdir()
     stamp = (converted / "model.bin").stat().st_mtime_ns
-    load(pair[0], backend="ctranslate2")
+    load(plain_pair[0], backend="ctranslate2")
     assert [p.name for p in cache.iterdir()] == [converted.name]
     assert (converted / "model.bin").stat().st_mtime_ns == stamp  # loaded, not rewritten
 
-    copy = shutil.copytree(pair[0], tmp_path / "copy")
+    copy = shutil.copytree(plain_pair[0], tmp_path / "copy")
     load(copy, backend="ctranslate2")  # another folder: its own conversion
-    load(pair[0], backend="ctranslate2", compute_type="float32")  # another storage
+    load(plain_pair[0], backend="ctranslate2", compute_type="float32")  # another storage
     assert len(list(cache.iterdir())) == 3
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no leftovers
 
@@ -193,7 +167,7 @@ def test_a_folder_is_converted_once_and_again_when_it_changes(
 
 
 def test_two_processes_converting_at_once_share_one_copy(
-    pair: tuple[Path, Path], cache: Path, monkeypatch: pytest.MonkeyPatch
+    plain_pair: tuple[Path, Path], cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The other process's copy lands while this one converts: this one uses it."""
     import shutil
@@ -208,24 +182,24 @@ def test_two_processes_converting_at_once_share_one_copy(
         shutil.copytree(output, cache / ct2_engine.cache_key(ident))
 
     monkeypatch.setattr(ct2_engine, "convert", raced)
-    assert load(pair[0], backend="ctranslate2").generate(CONTEXT, max_new_tokens=4).text
+    assert load(plain_pair[0], backend="ctranslate2").generate(CONTEXT, max_new_tokens=4).text
     assert [p.name.startswith(".") for p in cache.iterdir()] == [False]
 
 
 def test_without_renameat2_a_plain_rename_places_the_conversion(
-    pair: tuple[Path, Path], cache: Path, monkeypatch: pytest.MonkeyPatch
+    plain_pair: tuple[Path, Path], cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from convcli import outputs
 
     monkeypatch.setattr(outputs, "_renameat2", lambda *args: False)  # as on macOS
-    assert load(pair[0], backend="ctranslate2").generate(CONTEXT, max_new_tokens=4).text
+    assert load(plain_pair[0], backend="ctranslate2").generate(CONTEXT, max_new_tokens=4).text
     assert len(list(cache.iterdir())) == 1
 
 
-def test_refusals_are_one_line(pair: tuple[Path, Path], monkeypatch) -> None:
+def test_refusals_are_one_line(plain_pair: tuple[Path, Path], monkeypatch) -> None:
     from convcli.errors import ConvcliError, UsageError
 
-    model = load(pair[0], backend="ctranslate2")
+    model = load(plain_pair[0], backend="ctranslate2")
     with pytest.raises(UsageError, match="does not take the generation option `top_a`"):
         model.generate(CONTEXT, top_a=3)
     with pytest.raises(UsageError, match="samples without beams"):
@@ -235,18 +209,18 @@ def test_refusals_are_one_line(pair: tuple[Path, Path], monkeypatch) -> None:
     with pytest.raises(UsageError, match="early_stopping=true"):
         model.generate(CONTEXT, num_beams=2)
     with pytest.raises(UsageError, match=r"float16 does not run on this CPU: choose one of int8"):
-        load(pair[0], backend="ctranslate2", compute_type="float16")
+        load(plain_pair[0], backend="ctranslate2", compute_type="float16")
     with pytest.raises(ConvcliError, match="evaluating the loss runs on the torch backend"):
         from convcli.evaluation import evaluate_loss
 
-        evaluate_loss(model, pair[0])
+        evaluate_loss(model, plain_pair[0])
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # not installed
     with pytest.raises(ConvcliError, match=r"pip install 'convcli\[ctranslate2\]'"):
-        load(pair[0], backend="ctranslate2")
+        load(plain_pair[0], backend="ctranslate2")
 
 
-def test_cli_backend_option(pair: tuple[Path, Path]) -> None:
-    forward, reverse = (str(p) for p in pair)
+def test_cli_backend_option(plain_pair: tuple[Path, Path]) -> None:
+    forward, reverse = (str(p) for p in plain_pair)
     torch_run = run_cli("generate", forward, *CONTEXT, "--max-new-tokens", "12")
     ct2_runs = [
         run_cli("generate", forward, *CONTEXT, "--max-new-tokens", "12",

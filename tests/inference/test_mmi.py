@@ -184,12 +184,12 @@ def test_merging_duplicates_leaves_the_choice_distribution_unchanged():
         [s for _, s in samples], [bool(t) for t, _ in samples], temperature=0.7
     )
     per_text: dict[str, float] = {}
-    for (text, _), p in zip(samples, each.tolist(), strict=True):
+    for (text, _), p in zip(samples, each, strict=True):
         per_text[text] = per_text.get(text, 0.0) + p
     merged = choice_probabilities(
         [-1.0, -0.5, -2.0, 0.0], [True, True, True, False], [3, 2, 1, 1], temperature=0.7
     )
-    assert merged.tolist() == pytest.approx([per_text[t] for t in "ABC"] + [0.0], abs=1e-12)
+    assert merged == pytest.approx([per_text[t] for t in "ABC"] + [0.0], abs=1e-12)
     # Drawn many times, the merged choice follows it.
     torch.manual_seed(0)
     picks = [
@@ -197,7 +197,7 @@ def test_merging_duplicates_leaves_the_choice_distribution_unchanged():
         for _ in range(4000)
     ]
     freq = [picks.count(i) / len(picks) for i in range(4)]
-    assert freq == pytest.approx(merged.tolist(), abs=0.03)
+    assert freq == pytest.approx(merged, abs=0.03)
     # argmax ignores counts: the best score wins.
     assert choose([-1.0, -0.5], [True, True], [5, 1], argmax=True) == 1
 
