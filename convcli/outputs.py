@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -427,21 +428,28 @@ def fsync_dir(path: Path) -> None:
 
 
 def start_writeback(path: Path) -> None:
-    """Ask the kernel to start writing `path` to disk now, without waiting (Linux only).
+    """Ask the kernel to start writing `path` to disk, from a background thread (Linux
+    only), and return at once.
 
-    The fsync before the rename (`sync_tree`) then finds little left to write, and the
-    disk works while we verify or write the other files. Best effort: no guarantee.
+    Queuing a file's pages for writing takes the caller ~0.4 s per GB here; on its own
+    thread that runs beside the caller's next steps (the rest of the folder, verifying),
+    and the fsync before the rename (`sync_tree`) finds little left to write. Best
+    effort: the fsync is what makes the file durable.
     """
     if not sys.platform.startswith("linux"):
         return
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            # sync_file_range(fd, 0, 0 = to the end, SYNC_FILE_RANGE_WRITE = 2)
-            libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(2))
-        finally:
-            os.close(fd)
+
+    def queue() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                # sync_file_range(fd, 0, 0 = to the end, SYNC_FILE_RANGE_WRITE = 2)
+                libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(2))
+            finally:
+                os.close(fd)
+
+    threading.Thread(target=queue, name="convcli-writeback", daemon=True).start()
 
 
 def sync_tree(root: Path) -> None:
