@@ -268,11 +268,11 @@ class BackendTokenizer:
 
     @classmethod
     def snapshot(cls, tokenizer: Any) -> dict[str, Any] | None:
-        """What rebuilds `tokenizer` (a loaded Hugging Face tokenizer, with its sep and pad
-        set), or None when it is not a fast tokenizer or decodes with more than its
-        backend (transformers' clean-up of spaces)."""
+        """What rebuilds `tokenizer` (a loaded Hugging Face tokenizer with its sep and pad
+        set, or a BackendTokenizer), or None when it is not a fast tokenizer or decodes
+        with more than its backend (transformers' clean-up of spaces)."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None or tokenizer.decode([]) != "":
+        if backend is None:
             return None
         if getattr(tokenizer, "clean_up_tokenization_spaces", False):
             probe = backend.encode("a , b . c ' d n't").ids  # spaces the clean-up removes
@@ -280,7 +280,7 @@ class BackendTokenizer:
                 return None
         return {
             "backend_json": backend.to_str(),
-            "stands_for": type(tokenizer).__name__,
+            "stands_for": getattr(tokenizer, "stands_for", None) or type(tokenizer).__name__,
             "sep_token": str(tokenizer.sep_token),
             "pad_token": str(tokenizer.pad_token),
             "eos_token": None if tokenizer.eos_token is None else str(tokenizer.eos_token),

@@ -90,3 +90,24 @@ def test_a_folder_whose_files_change_is_loaded_through_transformers_again(
     third = ConversationModel.from_pretrained(copy, backend="ctranslate2")  # the snapshot
     assert type(third.tokenizer.tokenizer).__name__ == "BackendTokenizer"
     assert third.tokenizer.pad_token_id == pad
+
+
+def test_a_reverse_converted_with_its_forwards_snapshot_tokenizer_records_the_real_one(
+    plain_pair: tuple[Path, Path], cache: Path
+) -> None:
+    """The reverse folder is converted while the forward came from its snapshot: the
+    reverse's snapshot still names the tokenizer class transformers loads (fingerprints
+    depend on it)."""
+    from convcli.inference.model import ConversationModel
+    from convcli.tokenizer import load_hf_tokenizer
+
+    ConversationModel.from_pretrained(plain_pair[0], backend="ctranslate2")  # converted
+    forward = ConversationModel.from_pretrained(plain_pair[0], backend="ctranslate2")
+    assert type(forward.tokenizer.tokenizer).__name__ == "BackendTokenizer"
+    reverse = ConversationModel.from_pretrained(
+        plain_pair[1], backend="ctranslate2", share_tokenizer=forward
+    )
+    assert reverse.tokenizer is forward.tokenizer
+    (snapshot,) = cache.glob(f"{plain_pair[1].name}-*/convcli-loaded.json")
+    recorded = json.loads(snapshot.read_text())["tokenizer"]["stands_for"]
+    assert recorded == type(load_hf_tokenizer(plain_pair[1])).__name__ != "BackendTokenizer"
