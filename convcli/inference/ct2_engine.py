@@ -119,9 +119,9 @@ def engine_device(device: str | None) -> str:
     )
 
 
-def find_conversion(folder: Path, compute_type: str, response_type: int | None) -> Path | None:
-    """The cached conversion of `folder` as its files are now, when there is one."""
-    target = cache_root() / cache_key(identity(folder, compute_type, response_type))
+def find_conversion(ident: dict[str, Any]) -> Path | None:
+    """The cached conversion for `ident` (see `identity`), when there is one."""
+    target = cache_root() / cache_key(ident)
     return target if (target / "model.bin").is_file() else None
 
 
@@ -195,7 +195,8 @@ def converted_folder(
     report: Callable[[str], None] | None = None, snapshot: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
     """The cached conversion of `folder` (made now when missing; `report` hears of it
-    first, as it takes seconds), with `snapshot` beside it (`SNAPSHOT_FILE`).
+    first, as it takes seconds), with `snapshot` beside it (`SNAPSHOT_FILE`) when it was
+    taken from the files converted now.
 
     The conversion is written to a temp folder beside its final name and renamed into
     place, so a crash leaves no half-written model, and of two processes converting at
@@ -217,7 +218,7 @@ def converted_folder(
         try:
             convert(folder, tmp, compute_type, sep_token_id, response_type)
             (tmp / "identity.json").write_text(json.dumps(ident), encoding="utf-8")
-            if snapshot is not None:
+            if snapshot is not None and snapshot.get("files") == ident["files"]:
                 (tmp / SNAPSHOT_FILE).write_text(json.dumps(snapshot), encoding="utf-8")
             try:
                 if not rename_noreplace(tmp, target):  # no renameat2 here (macOS...)

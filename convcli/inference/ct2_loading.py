@@ -6,23 +6,34 @@ longer than an int8 MMI turn of GPT-2 small. So the first load of a folder goes 
 transformers (tokenizer, config, metadata, the checks of `load_model_folder`) and the
 conversion, and the conversion keeps a snapshot of what was loaded beside it
 (`SNAPSHOT_FILE`): the tokenizer's `tokenizers` backend and special tokens, the folder's
-metadata, its config and its generation defaults. A conversion's cache key covers every
-file of the folder, so a later load that finds the conversion finds the snapshot of the
-same files; it runs the checks that read no weights again and rebuilds the rest from the
-snapshot (`BackendTokenizer` encodes and decodes as the tokenizer it was taken from).
-A tokenizer a snapshot cannot hold (a slow one) is loaded through transformers each time.
+metadata, its config and its generation defaults. A snapshot records the files it was
+taken from (name, size, times, inode: the conversion's cache key) and the versions of
+convcli, tokenizers and transformers; it is kept only when the files converted are those
+files and read only while files and versions are unchanged. A later load runs the checks
+that read no weights again and rebuilds the rest from the snapshot (`BackendTokenizer`
+encodes and decodes as the tokenizer it was taken from). Otherwise (a slow tokenizer, a
+snapshot this build cannot rebuild) the folder loads through transformers, as the first
+time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from convcli.errors import ConvcliError
-from convcli.inference.ct2_engine import SNAPSHOT_FILE, CT2Engine, engine_device, find_conversion
+from convcli.inference.ct2_engine import (
+    SNAPSHOT_FILE,
+    CT2Engine,
+    engine_device,
+    find_conversion,
+    identity,
+)
 from convcli.modelfolder import (
     META_FILE,
     LoadedModel,
@@ -59,17 +70,25 @@ def load_for_engine(
         raise ConvcliError(f"{path}: the ctranslate2 backend needs a local model folder")
     meta_file = folder / META_FILE
     token_types = meta_file.is_file() and ModelMeta.from_file(meta_file).token_types
-    found = find_conversion(folder, compute_type, 0 if token_types else None)
-    snapshot = read_snapshot(found / SNAPSHOT_FILE) if found is not None else None
+    # The files as they are before anything is read: a snapshot is only ever taken from,
+    # kept with and read for these very files.
+    ident = identity(folder, compute_type, 0 if token_types else None)
+    found = find_conversion(ident)
+    snapshot = read_snapshot(found / SNAPSHOT_FILE, ident) if found is not None else None
+    loaded = None
     if snapshot is not None:
-        loaded = from_snapshot(snapshot, folder, notes, share_tokenizer)
-        defaults = dict(snapshot["generation_defaults"])
-    else:  # first load of these files: through transformers, and the snapshot made
-        loaded = load_model_folder(folder, device="cpu", weights=False,
-                                   share_tokenizer=share_tokenizer)  # fmt: skip
-        loaded.notes = notes
-        defaults = generation_defaults(folder)
-        snapshot = snapshot_of(loaded, defaults)
+        try:
+            loaded = from_snapshot(snapshot, folder, notes, share_tokenizer)
+            defaults = dict(snapshot["generation_defaults"])
+        except Exception:  # a snapshot this build cannot rebuild: load the slow way
+            loaded = None
+    if loaded is None:  # first load of these files: through transformers, snapshot taken
+        with _transformers_quiet():
+            loaded = load_model_folder(folder, device="cpu", weights=False,
+                                       share_tokenizer=share_tokenizer)  # fmt: skip
+            loaded.notes = notes
+            defaults = generation_defaults(folder)
+            snapshot = snapshot_of(loaded, defaults, ident)
     engine = CT2Engine(
         folder, device=target, compute_type=compute_type, sep_token_id=loaded.meta.sep_token_id,
         threads=threads, token_types=loaded.meta.token_types, report=report, snapshot=snapshot,
@@ -89,13 +108,42 @@ def generation_defaults(folder: Path) -> dict[str, Any]:
     return {k: config[k] for k in ENGINE_DEFAULTS if k in config}
 
 
-def snapshot_of(loaded: LoadedModel, defaults: dict[str, Any]) -> dict[str, Any] | None:
-    """What `from_snapshot` rebuilds `loaded` from (None: its tokenizer cannot be kept)."""
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' advice stays off the terminal while the folder loads through it (as
+    `load_models` keeps it off on the torch backend)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def versions() -> dict[str, str]:
+    """What a snapshot's contents depend on besides the folder's files."""
+    import tokenizers
+
+    from convcli import __version__
+
+    return {"convcli": __version__, "tokenizers": tokenizers.__version__,
+            "transformers": importlib.metadata.version("transformers")}  # fmt: skip
+
+
+def snapshot_of(
+    loaded: LoadedModel, defaults: dict[str, Any], ident: dict[str, Any]
+) -> dict[str, Any] | None:
+    """What `from_snapshot` rebuilds `loaded` from, for the files of `ident` (None: its
+    tokenizer cannot be kept)."""
     tokenizer = BackendTokenizer.snapshot(loaded.tokenizer.tokenizer)
     if tokenizer is None:
         return None
     return {
         "version": SNAPSHOT_VERSION,
+        "files": ident["files"],
+        "versions": versions(),
         "tokenizer": tokenizer,
         "meta": json.loads(loaded.meta.to_json()),
         "config": json.loads(loaded.config.to_json_string(use_diff=False)),
@@ -103,14 +151,18 @@ def snapshot_of(loaded: LoadedModel, defaults: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def read_snapshot(file: Path) -> dict[str, Any] | None:
-    """A snapshot this version reads, or None (then the folder loads the slow way)."""
+def read_snapshot(file: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
+    """The snapshot in `file` when it was taken from the files of `ident` by the library
+    versions installed now, else None (then the folder loads the slow way)."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    ok = isinstance(data, dict) and data.get("version") == SNAPSHOT_VERSION
-    return data if ok else None
+    if not isinstance(data, dict) or data.get("version") != SNAPSHOT_VERSION:
+        return None
+    if data.get("files") != ident["files"] or data.get("versions") != versions():
+        return None
+    return data
 
 
 def from_snapshot(

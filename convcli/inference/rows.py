@@ -25,6 +25,7 @@ candidates, owns 2 or 8 rows).
 
 from __future__ import annotations
 
+import random
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
     from convcli.inference.mmi import MMIReranker
     from convcli.inference.model import ConversationModel
+
+    Generator = torch.Generator | random.Random
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -206,13 +209,11 @@ def generate_rows(
     A request that cannot be answered (empty turns, MMI without a reverse model, opening
     turns that leave no room) gets its own `error`; the others are answered anyway.
     """
-    import torch
-
     results = [RowResult() for _ in requests]
     contexts: list[list[list[int]]] = []
     context_of: dict[int, int] = {}
     rows: list[_Row] = []
-    generators: dict[int, torch.Generator] = {}
+    generators: dict[int, Generator] = {}
     decode = model.tokenizer.tokenizer.decode
 
     def text_of(ids: list[int]) -> str:
@@ -227,9 +228,7 @@ def generate_rows(
         results[r].prompt_tokens = sum(len(t) + 1 for t in turn_ids) + 1
         if req.on_start is not None:
             req.on_start()
-        gen = torch.Generator(device=model.device)
-        gen.manual_seed(req.seed if req.seed is not None else secrets.randbits(63))
-        generators[r] = gen
+        generators[r] = _generator(model, req.seed)
         contexts.append(turn_ids)
         context_of[r] = len(contexts) - 1
         per_choice = req.mmi.num_candidates if req.mmi else 1
@@ -320,12 +319,25 @@ def _take(row: _Row, req: RowRequest, token: int, stops: set[int]) -> bool:
     return row.finish is not None
 
 
+def _generator(model: ConversationModel, seed: int | None) -> Generator:
+    """A request's own random generator: torch's on the torch backend (it samples the
+    tokens and MMI's choice), Python's on an engine (MMI's choice; no torch to import)."""
+    seed = seed if seed is not None else secrets.randbits(63)
+    if model.engine is not None:
+        return random.Random(seed)
+    import torch
+
+    generator = torch.Generator(device=model.device)
+    generator.manual_seed(seed)
+    return generator
+
+
 def _decode_engine(
     model: ConversationModel,
     requests: Sequence[RowRequest],
     contexts: list[list[list[int]]],
     rows: list[_Row],
-    generators: dict[int, torch.Generator],
+    generators: dict[int, Generator],
 ) -> None:
     """The rows through the CTranslate2 engine, heard token by token as in `_decode`.
 
@@ -437,7 +449,7 @@ def _collect(
     r: int,
     turn_ids: list[list[int]],
     rows: list[_Row],
-    generator: torch.Generator,
+    generator: Generator,
     result: RowResult,
 ) -> None:
     """Fill a request's result from its finished rows (reranking MMI candidates)."""
