@@ -345,7 +345,26 @@ def load_hf_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:
             # silently build an empty vocabulary.
             return GPT2TokenizerFast.from_pretrained(str(path), **kwargs)
         return AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # tokenizers raises plain Exceptions for a damaged file
+        where = _damaged_file(path) if path.is_dir() else None
+        detail = f"no {exc.args[0]!r} entry" if isinstance(exc, KeyError) else first_line(exc)
         raise ConvcliError(
-            f"cannot load tokenizer {str(name_or_path)!r}: {first_line(exc)}"
+            f"cannot load tokenizer {str(name_or_path)!r}"
+            + (f" ({where.name})" if where else "")
+            + f": {detail}"
         ) from exc
+
+
+def _damaged_file(folder: Path) -> Path | None:
+    """The tokenizer file of `folder` that is not valid JSON, or tokenizer.json when the
+    files parse (the `tokenizers` library then found it inconsistent), or None."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "added_tokens.json", "vocab.json")  # fmt: skip
+    for name in names:
+        file = folder / name
+        try:
+            if file.is_file():
+                json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return file
+    return folder / "tokenizer.json" if (folder / "tokenizer.json").is_file() else None

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from convcli.tokenizer import (
@@ -170,3 +173,38 @@ def test_missing_tokenizer_is_one_clear_error(tmp_path):
 
     with pytest.raises(ConvcliError, match=r"tokenizer folder not found: .*nope"):
         ConversationTokenizer.from_pretrained(tmp_path / "nope")
+
+
+def test_a_damaged_tokenizer_file_is_named_in_one_line(tiny_tokenizer_dir, tmp_path):
+    """Truncated JSON, a missing entry, a merge whose token left the vocabulary: one
+    ConvcliError naming the folder and the file, not a library traceback."""
+    import json
+    import shutil
+
+    from convcli.errors import ConvcliError
+
+    def damaged(name: str, change) -> Path:
+        folder = Path(shutil.copytree(tiny_tokenizer_dir, tmp_path / name))
+        file = folder / "tokenizer.json"
+        file.write_text(change(file.read_text()))
+        return folder
+
+    def without_a_token(text: str) -> str:  # the last merge's result renamed
+        data = json.loads(text)
+        last = data["model"]["merges"][-1]  # "a b" or ["a", "b"], by tokenizers version
+        merged = "".join(last.split(" ") if isinstance(last, str) else last)
+        data["model"]["vocab"][merged + "#"] = data["model"]["vocab"].pop(merged)
+        return json.dumps(data)
+
+    cases = {
+        "truncated": (lambda text: text[: len(text) // 2], r"Unterminated|Expecting"),
+        "emptied": (lambda text: "{}", r"no 'added_tokens' entry"),
+        "inconsistent": (without_a_token, r"out of vocabulary"),
+    }
+    for name, (change, detail) in cases.items():
+        folder = damaged(name, change)
+        with pytest.raises(ConvcliError) as caught:
+            ConversationTokenizer.from_pretrained(folder)
+        message = str(caught.value)
+        assert message.startswith(f"cannot load tokenizer '{folder}' (tokenizer.json): "), message
+        assert re.search(detail, message) and "\n" not in message, message
