@@ -119,6 +119,19 @@ def engine_device(device: str | None) -> str:
     )
 
 
+def check_compute_type(device: str, compute_type: str) -> None:
+    """Refuse a compute type CTranslate2 cannot run on `device` (as `engine_device` gives
+    it), in one line."""
+    kind, _, index = device.partition(":")
+    supported = require_ctranslate2().get_supported_compute_types(kind, int(index or 0))
+    if compute_type not in supported:
+        raise UsageError(
+            f"`compute_type` {compute_type} does not run on this {kind.upper()}: "
+            f"choose one of {', '.join(t for t in COMPUTE_TYPES if t in supported)}",
+            param="compute_type",
+        )
+
+
 def find_conversion(ident: dict[str, Any]) -> Path | None:
     """The cached conversion for `ident` (see `identity`), when there is one."""
     target = cache_root() / cache_key(ident)
@@ -210,11 +223,19 @@ def converted_folder(
     target = root / cache_key(ident)
     if (target / "model.bin").is_file():
         return target
-    if report is not None:
-        report(f"converting {folder} for the ctranslate2 backend ({compute_type}), once: {target}")
-    with named_os_errors(root):
+    try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    except OSError as exc:
+        raise ConvcliError(
+            f"cannot keep converted models in {root}: {exc.strerror or exc} (set "
+            "CONVCLI_CACHE to a folder you can write)"
+        ) from None
+    if report is not None:
+        kind = "" if response_type is None else f", replies of token type {response_type}"
+        report(f"converting {folder} for the ctranslate2 backend ({compute_type}{kind}), once: "
+               f"{target}")  # fmt: skip
+    with named_os_errors(root):
         try:
             convert(folder, tmp, compute_type, sep_token_id, response_type)
             (tmp / "identity.json").write_text(json.dumps(ident), encoding="utf-8")
@@ -286,8 +307,8 @@ def ct2_options(hf_kwargs: dict[str, Any], max_new_tokens: int) -> dict[str, Any
     if options.get("beam_size", 1) > 1 and (sample or early_stopping is not True):
         raise UsageError(
             "the ctranslate2 backend's beam search stops once `num_beams` replies are done, "
-            "as transformers' early_stopping=True: give `-o early_stopping=true`, or use "
-            "the torch backend"
+            "as transformers' early_stopping=True: set the generation option "
+            "`early_stopping` to true, or use the torch backend"
             if not sample
             else "the ctranslate2 backend samples without beams: drop `num_beams`"
         )
@@ -329,18 +350,11 @@ class CT2Engine:
     ) -> None:  # fmt: skip
         """`device` as `engine_device` gives it; `snapshot`: kept beside conversions made
         here (see convcli.inference.ct2_loading)."""
-        ct2 = require_ctranslate2()
         if not folder.is_dir():
             raise ConvcliError(f"{folder}: the ctranslate2 backend needs a local model folder")
+        check_compute_type(device, compute_type)  # before any conversion
         kind, _, index = device.partition(":")
         self.device, self.device_index = kind, int(index or 0)
-        supported = sorted(ct2.get_supported_compute_types(kind, self.device_index))
-        if compute_type not in supported:  # before any conversion
-            raise UsageError(
-                f"`compute_type` {compute_type} does not run on this {kind.upper()}: "
-                f"choose one of {', '.join(t for t in COMPUTE_TYPES if t in supported)}",
-                param="compute_type",
-            )
         self.folder, self.compute_type, self.threads = folder, compute_type, threads
         self.sep_token_id, self.token_types = sep_token_id, token_types
         self.report, self.snapshot = report, snapshot

@@ -43,7 +43,8 @@ def test_token_types_give_torch_replies_and_scores(
     from convcli.inference.mmi import score_candidates
 
     torch_model = load(trained[0])
-    ct2_model = load(trained[0], backend="ctranslate2", compute_type="float32")
+    heard: list[str] = []
+    ct2_model = load(trained[0], backend="ctranslate2", compute_type="float32", report=heard.append)
     assert torch_model.meta.token_types
     contexts = [["Do you like tea?"], ["Hello", "Hi, how are you?"], ["Good morning"]]
     options = {"max_new_tokens": 12, "return_token_ids": True}
@@ -51,6 +52,10 @@ def test_token_types_give_torch_replies_and_scores(
     assert got.token_ids == torch_model.generate(contexts, **options).token_ids
     assert got.responses[:2] == ["Yes, I like green tea.", "I am fine, thank you."]
     assert len(list(cache.iterdir())) == 2  # one table per reply parity
+    assert [m.split(" for ")[1].split("), once")[0] for m in heard] == [
+        "the ctranslate2 backend (float32, replies of token type 0",
+        "the ctranslate2 backend (float32, replies of token type 1",
+    ]  # two conversions, each said once and for what
 
     typed = load(tiny_model_dir)  # random weights, token types: any mistake shows
     tok = typed.tokenizer
@@ -206,7 +211,7 @@ def test_refusals_are_one_line(plain_pair: tuple[Path, Path], monkeypatch) -> No
         model.generate(CONTEXT, do_sample=True, num_beams=2)
     with pytest.raises(UsageError, match=r"`repetition_penalty`.*torch backend"):
         model.generate(CONTEXT, repetition_penalty=1.3)
-    with pytest.raises(UsageError, match="early_stopping=true"):
+    with pytest.raises(UsageError, match="option `early_stopping` to true"):
         model.generate(CONTEXT, num_beams=2)
     with pytest.raises(UsageError, match=r"float16 does not run on this CPU: choose one of int8"):
         load(plain_pair[0], backend="ctranslate2", compute_type="float16")
@@ -214,6 +219,13 @@ def test_refusals_are_one_line(plain_pair: tuple[Path, Path], monkeypatch) -> No
         from convcli.evaluation import evaluate_loss
 
         evaluate_loss(model, plain_pair[0])
+    monkeypatch.setenv("CONVCLI_CACHE", str(plain_pair[0] / "config.json" / "cache"))
+    with pytest.raises(
+        ConvcliError,
+        match=r"cannot keep converted models in .*config.json/cache/"
+        r"ctranslate2: Not a directory \(set CONVCLI_CACHE to a folder you can",
+    ):
+        load(plain_pair[0], backend="ctranslate2")  # fmt: skip
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # not installed
     with pytest.raises(ConvcliError, match=r"pip install 'convcli\[ctranslate2\]'"):
         load(plain_pair[0], backend="ctranslate2")
