@@ -58,8 +58,10 @@ def serve(
     except ImportError:
         raise ConvcliError(INSTALL_HINT) from None
 
+    from convcli.inference.loading import check_models
     from convcli.serving.launch import ENVIRONMENT, app_from_settings
 
+    check_models(model, mmi, runtime)  # one line before listening, not after
     url = f"http://{serve.host}:{serve.port}/"
     if serve.workers > 1:
         import json

@@ -27,6 +27,28 @@ def set_threads(threads: int | None) -> int:
     return count
 
 
+def check_models(
+    model: str | Path, mmi: MMISettings | None = None, runtime: RuntimeSettings | None = None
+) -> None:
+    """Refuse at once what `load_models` would refuse before loading any weights: a folder
+    that is missing or not a model, a device this machine lacks, a compute type its engine
+    cannot run (a server checks this before it starts listening)."""
+    from convcli.modelfolder import checked_folder
+
+    runtime = runtime or RuntimeSettings()
+    if isinstance(runtime, EngineSettings) and runtime.backend != "torch":
+        from convcli.inference.ct2_engine import check_compute_type, engine_device
+
+        check_compute_type(engine_device(runtime.device), runtime.compute_type or "int8")
+    else:
+        from convcli.loadgate import check_device
+
+        check_device(runtime.device)
+    for folder in (model, (mmi or MMISettings()).reverse_model):
+        if folder is not None:
+            checked_folder(folder)
+
+
 def load_models(
     model: str | Path,
     mmi: MMISettings | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -47,10 +48,29 @@ def test_missing_extra_is_a_one_line_install_hint(tmp_path):
     ]
 
 
-def test_a_model_that_does_not_load_stops_the_server(tmp_path):
-    out = run_cli("serve", str(tmp_path / "nowhere"), "--port", str(free_port()), timeout=120)
+def test_what_cannot_load_is_refused_before_the_server_listens(tmp_path):
+    port = str(free_port())
+    out = run_cli("serve", str(tmp_path / "nowhere"), "--port", port, timeout=120)
     assert out.returncode == 1
-    assert "error:" in out.stderr and "nowhere" in out.stderr.splitlines()[-1]
+    assert out.stderr.splitlines() == [f"error: model folder not found: {tmp_path / 'nowhere'}"]
+    if importlib.util.find_spec("ctranslate2") is not None:  # a compute type this CPU lacks
+        out = run_cli("serve", str(tmp_path), "--port", port, "--backend", "ctranslate2",
+                      "--compute-type", "float16", timeout=120)  # fmt: skip
+        assert out.returncode == 2
+        assert out.stderr.splitlines() == [
+            "error: --compute-type float16 does not run on this CPU: choose one of int8, "
+            "int8_float32, float32"
+        ]
+
+
+def test_a_model_that_does_not_load_stops_the_server(tmp_path):
+    # A folder that passes the checks made before listening but fails to load.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1}')
+    out = run_cli("serve", str(folder), "--port", str(free_port()), timeout=120)
+    assert out.returncode == 1
+    assert "error:" in out.stderr and str(folder) in out.stderr.splitlines()[-1]
 
 
 def start(*args: str) -> tuple[subprocess.Popen[str], str]:
