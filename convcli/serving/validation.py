@@ -96,9 +96,16 @@ class MMIRequest(BaseModel):
     argmax: StrictBool | None = None
 
 
+# Request fields that would change the reply, which this server does not apply, with the
+# value that changes nothing: any other value is refused rather than silently ignored.
+CHANGE_THE_REPLY: dict[str, object] = {"frequency_penalty": 0, "presence_penalty": 0,
+                                       "repetition_penalty": 1, "logit_bias": {}}  # fmt: skip
+
+
 class ChatRequest(BaseModel):
-    """POST /v1/chat/completions. Fields OpenAI has and this server ignores (user,
-    logprobs, ...) are accepted and ignored, as OpenAI-compatible servers do."""
+    """POST /v1/chat/completions. Fields OpenAI has that do not change the reply (user,
+    logprobs, ...) are accepted and ignored, as OpenAI-compatible servers do; those that
+    would (`CHANGE_THE_REPLY`) are refused unless neutral."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -144,6 +151,13 @@ def parse_request(body: bytes) -> ChatRequest:
         raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object")
+    for name, neutral in CHANGE_THE_REPLY.items():
+        value = data.get(name)
+        if value is not None and value != neutral:
+            raise APIError(
+                400, f"{name}: this server does not apply it (only {json.dumps(neutral)})",
+                param=name,
+            )  # fmt: skip
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:

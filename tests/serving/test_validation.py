@@ -53,6 +53,9 @@ BAD = {
     "stop not a string": ({**GOOD, "stop": 3}, 400, "stop"),
     "five stops": ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     "mmi without a reverse model": ({**GOOD, "mmi": {"num_candidates": 2}}, 400, "mmi"),
+    "a frequency penalty": ({**GOOD, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    "a repetition penalty": ({**GOOD, "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+    "a logit bias": ({**GOOD, "logit_bias": {"50256": -100}}, 400, "logit_bias"),
     "unknown model": ({**GOOD, "model": "gpt-9"}, 404, "model"),
     "body over the limit": ({**GOOD, "messages": [{"role": "user", "content": "x" * 30_000}]},
                             413, None),
@@ -69,6 +72,13 @@ def test_bad_request_gets_an_openai_error_and_the_server_goes_on(plain_url, case
     assert error["message"] and error["type"]
     assert error["param"] == param
     still_serves(plain_url)
+
+
+def test_neutral_values_of_what_the_server_does_not_apply_are_fine(plain_url):
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}}
+    assert post(plain_url, {**GOOD, **neutral}).json()["choices"][0]["message"]["content"] == (
+        "Hi, how are you?"
+    )
 
 
 def test_num_candidates_over_the_cap(mmi_url):
