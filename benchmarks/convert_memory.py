@@ -16,15 +16,9 @@ reports its peak RSS (VmHWM, reset after the imports) and wall time:
 
 The jobs run interleaved `--repeats` times; the table shows medians (time ratios are
 against the baseline's median), then verified / unverified time per dtype.
-
-On these virtual machines the first touch of a page of memory costs about as much as
-writing it (the host backs it then) and pages freed by the job before are cheap again,
-so a job's time depends on how much memory the previous job freed. `--warm-gib N` makes
-each child touch and free N GiB first (untimed): every job then starts from the same
-pool of used pages (the baseline gains most: about twice as fast).
 Torch threads are the command's (`default_threads()`).
 Usage: python benchmarks/convert_memory.py [--format legacy|zip] [--layers 24] [--quick]
-[--repeats 3] [--warm-gib 0] (`legacy` is the pre-zip torch.save format of the released .pkl files;
+[--repeats 3] (`legacy` is the pre-zip torch.save format of the released .pkl files;
 `--quick` skips the verified runs.)
 """
 
@@ -83,11 +77,8 @@ def write_checkpoint(path: Path, *, layers: int, width: int, legacy: bool) -> No
     torch.save(state, path, _use_new_zipfile_serialization=not legacy)
 
 
-def child(job: str, checkpoint: Path, out: Path, tokenizer: str, warm_gib: float) -> None:
+def child(job: str, checkpoint: Path, out: Path, tokenizer: str) -> None:
     """Run one job in this (fresh) process and print its figures as JSON."""
-    if warm_gib > 0:  # touched and given back before anything is timed (see the docstring)
-        warm = bytearray(int(warm_gib * 2**30))
-        del warm
     began = time.perf_counter()
     import torch
     from safetensors.torch import save_file
@@ -144,9 +135,8 @@ def _status_mb(field: str) -> float:
     return 0.0
 
 
-def run(job: str, checkpoint: Path, out: Path, tokenizer: str, warm: float) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", job, str(checkpoint), str(out), tokenizer,
-           str(warm)]  # fmt: skip
+def run(job: str, checkpoint: Path, out: Path, tokenizer: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", job, str(checkpoint), str(out), tokenizer]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
     if result.returncode:
         sys.exit(f"{job} failed:\n{result.stderr[-2000:]}")
@@ -160,14 +150,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="skip the verified conversions")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each job")
-    parser.add_argument(
-        "--warm-gib", type=float, default=0.0, help="memory each job touches first (GiB)"
-    )
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        job, checkpoint, out, tokenizer, warm = args.child
-        child(job, Path(checkpoint), Path(out), tokenizer, float(warm))
+        job, checkpoint, out, tokenizer = args.child
+        child(job, Path(checkpoint), Path(out), tokenizer)
         return
 
     with tempfile.TemporaryDirectory(prefix="convert-bench-") as tmp:
@@ -183,7 +170,6 @@ def main() -> None:
         print(
             f"checkpoint: {args.layers} layers, width {args.width}, fp16, "
             f"{args.format} format, {size_mb:.0f} MiB"
-            + (f"; each job warmed with {args.warm_gib:g} GiB" if args.warm_gib else "")
         )
         jobs = ["baseline", "baseline:float32", "convert:float32:no-verify"]
         jobs += ["convert:float16:no-verify"]
@@ -193,7 +179,7 @@ def main() -> None:
         for r in range(args.repeats):
             for i, job in enumerate(jobs):
                 out = tmp_path / f"out{i}-{r}"
-                runs[job].append(run(job, checkpoint, out, tokenizer, args.warm_gib))
+                runs[job].append(run(job, checkpoint, out, tokenizer))
                 _remove(out)
         results = {
             job: {key: statistics.median(x[key] for x in values) for key in values[0]}
